@@ -1,0 +1,41 @@
+# Every target creates what it needs: a fresh clone only needs python3 (>= 3.11), and for `make test`
+# Java 17 + Maven (Kafka) and apt (Debian packages of the real clients and servers).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+
+.PHONY: run test lint bench deps clean format
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+# The gateway on the embedded default: no Kafka, Redis or ThingsBoard needed (override with KAFKA_ENABLED=true).
+run: $(STAMP)
+	KAFKA_ENABLED=$${KAFKA_ENABLED:-false} $(BIN)/tb-gateway run
+
+# Everything the tests use: Debian packages, the Kafka jars, the SDK's own virtualenv.
+deps: $(STAMP)
+	bash scripts/system-deps.sh
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/mypy
+
+test: deps lint
+	$(BIN)/pytest -p no:cacheprovider $(PYTEST_ARGS)
+
+bench: deps
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
+format: $(STAMP)
+	$(BIN)/ruff format src tests bench
+	$(BIN)/ruff check --fix src tests bench
+
+clean:
+	rm -rf $(VENV) .cache build *.egg-info

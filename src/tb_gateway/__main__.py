@@ -1,0 +1,3 @@
+from tb_gateway.cli import main
+
+raise SystemExit(main())

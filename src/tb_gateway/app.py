@@ -1,0 +1,198 @@
+"""Composition root: builds every part from the settings and owns every task in one TaskGroup.
+
+Start-up: sink -> pipeline -> servers (a port that cannot be bound stops start-up). Shutdown on SIGTERM /
+SIGINT, in order, each step bounded by SHUTDOWN_TIMEOUT_SECONDS: stop accepting -> drain sessions (answer what
+was admitted) -> flush the pipeline -> close the sink.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable
+from typing import Any
+
+from tb_gateway.attributes import AttributeStore
+from tb_gateway.auth import AuthService, CredentialSource
+from tb_gateway.auth_thingsboard import forget_token
+from tb_gateway.config import Settings
+from tb_gateway.device_api import DeviceApi
+from tb_gateway.errors import ConfigError
+from tb_gateway.metrics import Metrics
+from tb_gateway.pipeline import Pipeline
+from tb_gateway.registry import Registry, RegistryCredentials
+from tb_gateway.servers import Server
+from tb_gateway.sinks.base import Sink
+from tb_gateway.sinks.store import StoreSink
+
+log = logging.getLogger("tb_gateway")
+
+REGISTRY_POLL_S = 1.0  # how soon a `tb-gateway device remove` reaches the running gateway's cache
+
+Health = Callable[[], tuple[bool, dict[str, Any]]]
+
+
+def build_sink(settings: Settings, metrics: Metrics, on_token_rejected: Callable[[str], object] | None = None) -> Sink:
+    if settings.kafka_enabled:
+        raise ConfigError(["KAFKA_ENABLED: the Kafka sink is not built yet; set KAFKA_ENABLED=false"])
+    if settings.tb_http_enabled:
+        return _thingsboard_sink(settings, metrics, on_token_rejected)
+    return StoreSink(settings.data_dir / "messages.db")
+
+
+def _thingsboard_sink(settings: Settings, metrics: Metrics, on_token_rejected: Callable[[str], object] | None) -> Sink:
+    """ThingsBoard's HTTP device API, behind the spool unless SPOOL_ENABLED=false (docs/thingsboard-backend.md)."""
+    from tb_gateway.sinks.reliable import SpoolingSink
+    from tb_gateway.sinks.spool import Spool
+    from tb_gateway.sinks.thingsboard import ThingsBoardSink
+
+    primary = ThingsBoardSink.from_settings(settings, metrics, on_token_rejected)
+    if not settings.spool_enabled:
+        return primary
+    spool = Spool(settings.data_dir / "spool" / primary.name, settings.spool_max_bytes)
+    return SpoolingSink(primary, spool, metrics)
+
+
+def build_sources(settings: Settings, registry: Registry, metrics: Metrics | None = None) -> list[CredentialSource]:
+    sources: list[CredentialSource] = [RegistryCredentials(registry)]
+    if settings.tb_auth_active:  # after the registry: a locally added device never costs a backend call
+        from tb_gateway.auth_thingsboard import ThingsBoardCredentialSource
+
+        sources.append(ThingsBoardCredentialSource.from_settings(settings, metrics or Metrics()))
+    return sources
+
+
+def build_servers(settings: Settings, api: DeviceApi, health: Health) -> list[Server]:
+    servers: list[Server] = []
+    if settings.http_enabled:
+        from tb_gateway.http.server import HttpServer
+
+        servers.append(HttpServer(api, health))
+    return servers
+
+
+class Gateway:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.registry = Registry(settings.data_dir / "registry.db")
+        self.sink = build_sink(settings, self.metrics, lambda token: forget_token(self.auth, token))
+        self.pipeline = Pipeline(
+            self.sink,
+            self.metrics,
+            batch_size=settings.batch_size,
+            batch_timeout_s=settings.batch_timeout,
+            max_queue=settings.queue_max_records,
+        )
+        self.auth = AuthService(
+            build_sources(settings, self.registry, self.metrics),
+            self.metrics,
+            ttl_s=settings.auth_cache_ttl_seconds,
+            negative_ttl_s=settings.auth_negative_cache_ttl_seconds,
+        )
+        self.attributes = AttributeStore(settings.data_dir / "attributes.db")
+        self.api = DeviceApi(settings, self.auth, self.pipeline, self.attributes, self.metrics)
+        self.servers = build_servers(settings, self.api, self.health)
+        self._stop = asyncio.Event()
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        sink = self.sink.health()
+        pipeline = {
+            "status": "down" if self.pipeline.closing else "up",
+            "queue_depth": self.pipeline.depth,
+            "queue_max_records": self.settings.queue_max_records,
+        }
+        components = {"pipeline": pipeline, "sink": sink}
+        components.update({server.name: {"status": "up"} for server in self.servers})
+        ok = all(c.get("status") != "down" for c in components.values())
+        degraded = any(c.get("status") == "degraded" for c in components.values())
+        status = "down" if not ok else "degraded" if degraded else "up"
+        return ok, {"status": status, "components": components}
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        s = self.settings
+        await self.sink.start()
+        metrics_server = _start_metrics(s, self.metrics)
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                pipeline_task = tasks.create_task(self.pipeline.run(), name="pipeline")
+                sink_task = tasks.create_task(self.sink.run(), name="sink")
+                watcher = tasks.create_task(self._watch_registry(), name="registry-watch")
+                for server in self.servers:
+                    await server.start()
+                log.info(
+                    "gateway ready",
+                    extra={"servers": [server.name for server in self.servers], "sink": self.sink.name},
+                )
+                await self._stop.wait()
+                log.info("shutting down")
+                await self._shutdown(pipeline_task, sink_task, watcher)
+        finally:
+            metrics_server.shutdown()
+            self.attributes.close()
+            self.registry.close()
+        log.info("stopped")
+
+    async def _shutdown(self, pipeline_task: asyncio.Task[None], *others: asyncio.Task[None]) -> None:
+        timeout = self.settings.shutdown_timeout_seconds
+        for server in self.servers:
+            server.stop_accepting()
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.gather(*(server.drain() for server in self.servers))
+        except TimeoutError:
+            log.warning("sessions did not drain within %.1f s; closing anyway", timeout)
+        self.pipeline.close()
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(pipeline_task)
+        except TimeoutError:
+            log.error("pipeline did not flush within %.1f s", timeout)
+            pipeline_task.cancel()
+        await self.sink.close()
+        for task in others:
+            task.cancel()
+
+    async def _watch_registry(self) -> None:
+        version = self.registry.data_version()
+        while True:
+            await asyncio.sleep(REGISTRY_POLL_S)
+            current = self.registry.data_version()
+            if current != version:
+                version = current
+                dropped = self.auth.invalidate()
+                log.info("device registry changed; dropped %d cached credentials", dropped)
+
+
+def _start_metrics(settings: Settings, metrics: Metrics) -> Any:
+    from prometheus_client import start_http_server
+
+    server, _thread = start_http_server(
+        settings.metrics_port, addr=settings.metrics_bind_address, registry=metrics.registry
+    )
+    return server
+
+
+async def serve(settings: Settings) -> None:
+    gateway = Gateway(settings)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, gateway.request_stop)
+    try:
+        await gateway.run()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(sig)
+
+
+def run(settings: Settings) -> None:
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(serve(settings))

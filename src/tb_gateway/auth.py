@@ -1,0 +1,130 @@
+"""Device authentication: credentials -> ``DeviceIdentity``, behind an in-process cache.
+
+Transports only ever call ``AuthService.authenticate``. Where identities come from is a list of
+``CredentialSource`` objects tried in order (the embedded registry today; a ThingsBoard backend, a Redis
+shared cache or X.509 fingerprints plug in as further sources without touching any transport).
+
+Hits are cached for ``ttl_s`` (ThingsBoard's gateway promise: 1 hour), misses for ``negative_ttl_s`` (short,
+so a device registered a moment ago gets in quickly while a token-guessing client still costs nothing).
+Concurrent lookups of one credential share a single source query.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from tb_gateway.metrics import Metrics
+from tb_gateway.records import DeviceIdentity
+
+
+@dataclass(frozen=True, slots=True)
+class AccessToken:
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
+class MqttBasic:
+    client_id: str
+    username: str
+    password: str
+
+
+@dataclass(frozen=True, slots=True)
+class X509Fingerprint:
+    sha3_256_hex: str
+
+
+Credentials = AccessToken | MqttBasic | X509Fingerprint
+
+
+class CredentialSource(Protocol):
+    """Resolves credentials it knows; answers ``None`` for credentials it does not know."""
+
+    name: str
+
+    async def lookup(self, credentials: Credentials) -> DeviceIdentity | None: ...
+
+
+@dataclass(slots=True)
+class _Entry:
+    identity: DeviceIdentity | None
+    expires_at: float
+
+
+class AuthService:
+    def __init__(
+        self,
+        sources: Sequence[CredentialSource],
+        metrics: Metrics,
+        *,
+        ttl_s: float,
+        negative_ttl_s: float,
+        max_entries: int = 1_000_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._sources = list(sources)
+        self._metrics = metrics
+        self._ttl_s = ttl_s
+        self._negative_ttl_s = negative_ttl_s
+        self._max_entries = max_entries
+        self._clock = clock
+        self._cache: dict[Credentials, _Entry] = {}
+        self._pending: dict[Credentials, asyncio.Future[DeviceIdentity | None]] = {}
+
+    async def authenticate(self, credentials: Credentials, transport: str) -> DeviceIdentity | None:
+        entry = self._cache.get(credentials)
+        if entry is not None and entry.expires_at > self._clock():
+            identity = entry.identity
+        else:
+            identity = await self._resolve(credentials)
+        if identity is None:
+            self._metrics.auth_failures.labels(transport=transport).inc()
+        return identity
+
+    async def _resolve(self, credentials: Credentials) -> DeviceIdentity | None:
+        pending = self._pending.get(credentials)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[DeviceIdentity | None] = asyncio.get_running_loop().create_future()
+        self._pending[credentials] = future
+        try:
+            identity = await self._ask_sources(credentials)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # mark retrieved: waiters re-raise it themselves
+            raise
+        finally:
+            del self._pending[credentials]
+        future.set_result(identity)
+        self._remember(credentials, identity)
+        return identity
+
+    async def _ask_sources(self, credentials: Credentials) -> DeviceIdentity | None:
+        for source in self._sources:
+            identity = await source.lookup(credentials)
+            if identity is not None:
+                return identity
+        return None
+
+    def _remember(self, credentials: Credentials, identity: DeviceIdentity | None) -> None:
+        if len(self._cache) >= self._max_entries:
+            # dicts keep insertion order: drop the oldest tenth in one go rather than one per insert
+            for key in list(self._cache)[: max(1, self._max_entries // 10)]:
+                del self._cache[key]
+        ttl = self._ttl_s if identity is not None else self._negative_ttl_s
+        self._cache[credentials] = _Entry(identity, self._clock() + ttl)
+
+    def invalidate(self, predicate: Callable[[Credentials, DeviceIdentity | None], bool] | None = None) -> int:
+        """Forget cached answers (all, or those matching); returns how many were dropped."""
+        if predicate is None:
+            dropped = len(self._cache)
+            self._cache.clear()
+            return dropped
+        doomed = [key for key, entry in self._cache.items() if predicate(key, entry.identity)]
+        for key in doomed:
+            del self._cache[key]
+        return len(doomed)

@@ -1,0 +1,152 @@
+"""ThingsBoard's device API, once, for every transport (hypercorn's lesson: one vocabulary).
+
+Transports decode their protocol and call these methods; they never branch on payload shapes, never touch
+the pipeline or the attribute store directly, and only map the answers to their own wire codes:
+
+=====================  ==================  ================  ===============  ==================
+answer                 HTTP                CoAP              MQTT 5           MQTT 3.1.1
+=====================  ==================  ================  ===============  ==================
+DELIVERED              200                 2.01              PUBACK 0x00      PUBACK
+PayloadError           400 + JSON error    4.00              PUBACK 0x99      close
+QUEUE_FULL/SPOOL_FULL  503 + Retry-After   5.03 + Max-Age    PUBACK 0x97      close
+REJECTED               500 ... see docs    5.00              PUBACK 0x80      close
+=====================  ==================  ================  ===============  ==================
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from tb_gateway.attributes import CLIENT, AttributeStore
+from tb_gateway.auth import AuthService, Credentials
+from tb_gateway.config import Settings
+from tb_gateway.errors import PayloadError
+from tb_gateway.logs import Throttle
+from tb_gateway.metrics import Metrics
+from tb_gateway.normalize import ValueRules, attributes, parse_json, telemetry
+from tb_gateway.pipeline import Pipeline
+from tb_gateway.records import DeviceIdentity, Record, RecordKind, Transport
+from tb_gateway.sinks.base import Outcome
+
+log = logging.getLogger(__name__)
+
+Groups = list[tuple[int, dict[str, Any]]]
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class DeviceApi:
+    def __init__(
+        self,
+        settings: Settings,
+        auth: AuthService,
+        pipeline: Pipeline,
+        attribute_store: AttributeStore,
+        metrics: Metrics,
+        clock_ms: Callable[[], int] = _now_ms,
+    ) -> None:
+        self.settings = settings
+        self.auth = auth
+        self.pipeline = pipeline
+        self.attributes = attribute_store
+        self.metrics = metrics
+        self._clock_ms = clock_ms
+        self._rules = ValueRules(settings.json_type_cast_enabled, settings.json_max_string_value_length)
+        self._received = {t: metrics.messages_received.labels(transport=t.value) for t in Transport}
+        self._refusal_log = Throttle(log, period_s=60.0)
+        self._parsers: dict[RecordKind, Callable[[bytes, int], Groups]] = {
+            RecordKind.TELEMETRY: lambda payload, now: telemetry(payload, now, self._rules),
+            RecordKind.ATTRIBUTES: lambda payload, now: [(now, attributes(payload, self._rules))],
+            RecordKind.CLAIM: lambda payload, now: [(now, claim(payload))],
+        }
+
+    async def authenticate(self, credentials: Credentials, transport: Transport) -> DeviceIdentity | None:
+        return await self.auth.authenticate(credentials, transport.value)
+
+    def post(
+        self, device: DeviceIdentity, kind: RecordKind, payload: bytes, transport: Transport
+    ) -> Outcome | asyncio.Future[Outcome]:
+        """Normalize one device message and admit it to the pipeline.
+
+        Raises ``PayloadError`` (already counted and logged) for a payload of the wrong syntax or shape.
+        Returns an ``Outcome`` when answered at once (refused, or nothing to store), else a future that
+        resolves once every record is durable.
+        """
+        self._received[transport].inc()
+        now = self._clock_ms()
+        try:
+            groups = self._parsers[kind](payload, now)
+        except PayloadError as exc:
+            self.refused(device, transport, "bad_payload", str(exc))
+            raise
+        records = [Record(device, kind, ts, values, transport, now) for ts, values in groups if values]
+        admitted = self.pipeline.submit(records)
+        if isinstance(admitted, Outcome):
+            if not admitted.delivered:
+                self.refused(device, transport, admitted.value)
+            return admitted
+        if kind is RecordKind.ATTRIBUTES:
+            admitted.add_done_callback(lambda done: self._attributes_delivered(done, records))
+        return admitted
+
+    def _attributes_delivered(self, done: asyncio.Future[Outcome], records: list[Record]) -> None:
+        if not done.cancelled() and done.result().delivered:
+            for record in records:
+                self.attributes.update(record.device.id, CLIENT, record.values)
+
+    def settle(self, device: DeviceIdentity, transport: Transport, outcome: Outcome) -> None:
+        """Count and log a refusal that a transport learned of from a resolved future."""
+        if not outcome.delivered:
+            self.refused(device, transport, outcome.value)
+
+    def refused(self, device: DeviceIdentity | None, transport: Transport, reason: str, detail: str = "") -> None:
+        """Every refusal is counted; it is logged once per device and reason per minute, not per message."""
+        self.metrics.refused(transport.value, reason)
+        name = device.name if device is not None else "-"
+        self._refusal_log.warning(
+            (name, reason),
+            "refused a message from device %s over %s: %s%s",
+            name,
+            transport.value,
+            reason,
+            f" ({detail})" if detail else "",
+        )
+
+    def attribute_request(
+        self, device: DeviceIdentity, client_keys: list[str] | None, shared_keys: list[str] | None
+    ) -> dict[str, Any]:
+        return self.attributes.request(device.id, client_keys, shared_keys)
+
+    def session_limits(self) -> dict[str, Any]:
+        """The local answer to the ``getSessionLimits`` client-side RPC (spec §1.9)."""
+        return {
+            "maxPayloadSize": self.settings.max_payload_size,
+            "maxInflightMessages": self.settings.mqtt_max_inflight,
+            "rateLimits": {"messages": None, "telemetryMessages": None, "telemetryDataPoints": None},
+        }
+
+
+def claim(payload: bytes) -> dict[str, Any]:
+    """Claim body is optional: empty -> secretKey "" and durationMs 0 (spec §1.10)."""
+    if not payload.strip():
+        return {"secretKey": "", "durationMs": 0}
+    document = parse_json(payload)
+    if not isinstance(document, dict):
+        raise PayloadError("claim: expected a JSON object")
+    secret = document.get("secretKey", "")
+    duration = document.get("durationMs", 0)
+    if not isinstance(secret, str) or isinstance(duration, bool) or not isinstance(duration, int):
+        raise PayloadError("claim: secretKey must be a string and durationMs an integer")
+    return {"secretKey": secret, "durationMs": duration}
+
+
+def json_error(message: str) -> bytes:
+    return orjson.dumps({"error": message})

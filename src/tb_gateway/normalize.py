@@ -1,0 +1,204 @@
+"""Device payload -> key/value groups, following ThingsBoard's value rules (spec §5, docs/device-api.md).
+
+- Telemetry: an object, a ``{"ts": ms, "values": {...}}`` object (timestamped only when it has *both* keys;
+  its other keys are ignored), or an array of either. Missing ``ts`` -> server time.
+- Attributes: an object only.
+- Values: booleans; integers (within int64, else a string); numbers with a ``.`` are doubles, except that
+  more than 16 decimal places keep the literal as a string; exponent forms without ``.`` are integers when
+  integral; with type cast on (ThingsBoard's default) numeric-looking strings become numbers; objects and
+  arrays are kept as JSON; ``null`` is skipped.
+
+orjson parses every payload. Only when a payload holds a number literal whose type orjson cannot reproduce
+(an exponent, more than 16 decimal places, 19+ digits) is it parsed again with the stdlib, keeping the literals.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from tb_gateway.errors import PayloadError
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_DECIMALS = 16
+MAX_KEY_LENGTH = 255  # ThingsBoard's key dictionary column; longer keys would fail later, so refuse now
+
+_NEEDS_LITERALS = re.compile(rb"\d[eE]|\.\d{17}|\d{19}")  # exponents, long fractions, beyond int64
+_NUMERIC_STRING = re.compile(r"-?(?:\d+(?:\.\d+)?|\.\d+)")
+
+
+@dataclass(frozen=True, slots=True)
+class ValueRules:
+    type_cast: bool = True  # JSON_TYPE_CAST_ENABLED
+    max_string_length: int = 0  # JSON_MAX_STRING_VALUE_LENGTH; 0 = unlimited
+
+
+class _Literal(str):
+    """A number literal kept verbatim by the slow-path parser."""
+
+    __slots__ = ()
+
+
+def parse_json(payload: bytes) -> Any:
+    if not payload.strip():
+        raise PayloadError("empty payload: expected JSON")
+    try:
+        if _NEEDS_LITERALS.search(payload) is None:
+            return orjson.loads(payload)
+        return json.loads(payload, parse_float=_Literal, parse_int=_Literal, parse_constant=_reject_constant)
+    except (orjson.JSONDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PayloadError(f"invalid JSON: {exc}") from None
+
+
+def _reject_constant(name: str) -> Any:
+    raise PayloadError(f"invalid JSON: {name} is not a JSON value")
+
+
+def telemetry(payload: bytes, now_ms: int, rules: ValueRules) -> list[tuple[int, dict[str, Any]]]:
+    """Telemetry payload -> ``[(ts, values), ...]`` in payload order; empty groups are dropped."""
+    document = parse_json(payload)
+    if isinstance(document, dict):
+        items, where = [document], "telemetry"
+    elif isinstance(document, list):
+        items, where = document, "telemetry[{}]"
+    else:
+        raise PayloadError(f"telemetry: expected a JSON object or array, got {_kind(document)}")
+    groups: list[tuple[int, dict[str, Any]]] = []
+    for index, item in enumerate(items):
+        place = where.format(index)
+        if not isinstance(item, dict):
+            raise PayloadError(f"{place}: expected a JSON object, got {_kind(item)}")
+        if "ts" in item and "values" in item:
+            ts = _timestamp(item["ts"], f"{place}.ts")
+            raw = item["values"]
+            if not isinstance(raw, dict):
+                raise PayloadError(f"{place}.values: expected a JSON object, got {_kind(raw)}")
+            values = typed_values(raw, f"{place}.values", rules)
+        else:
+            ts, values = now_ms, typed_values(item, place, rules)
+        if values:
+            groups.append((ts, values))
+    return groups
+
+
+def attributes(payload: bytes, rules: ValueRules) -> dict[str, Any]:
+    document = parse_json(payload)
+    if not isinstance(document, dict):
+        raise PayloadError(f"attributes: expected a JSON object, got {_kind(document)}")
+    return typed_values(document, "attributes", rules)
+
+
+def typed_values(raw: dict[str, Any], where: str, rules: ValueRules) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if value is None:
+            continue
+        if len(key) > MAX_KEY_LENGTH:
+            raise PayloadError(f"{where}: key {key[:32]!r}... is longer than {MAX_KEY_LENGTH} characters")
+        values[key] = _typed(value, f"{where}.{key}", rules)
+    return values
+
+
+def _typed(value: Any, where: str, rules: ValueRules) -> Any:
+    if isinstance(value, _Literal):
+        return _number(str(value), where, rules, literal=True)
+    if value is True or value is False:
+        return value
+    if isinstance(value, int):
+        if INT64_MIN <= value <= INT64_MAX:
+            return value
+        return _out_of_range(str(value), where, rules)
+    if isinstance(value, float):
+        return value
+    if isinstance(value, str):
+        if rules.max_string_length and len(value) > rules.max_string_length:
+            raise PayloadError(f"{where}: string longer than {rules.max_string_length} characters")
+        if rules.type_cast and _NUMERIC_STRING.fullmatch(value):
+            return _number(value, where, rules, literal=False)
+        return value
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    raise PayloadError(f"{where}: unsupported value {value!r}")  # pragma: no cover - JSON has no other types
+
+
+def _number(text: str, where: str, rules: ValueRules, *, literal: bool) -> Any:
+    """Type a number given as text, exactly as ThingsBoard does (a '.' decides between double and long)."""
+    if "." in text:
+        mantissa = text.lower().split("e", 1)[0]
+        decimals = len(mantissa.split(".", 1)[1].rstrip("0"))
+        if decimals > MAX_DECIMALS:
+            if rules.type_cast or not literal:
+                return text
+            raise PayloadError(f"{where}: more than {MAX_DECIMALS} decimal places")
+        return float(text)
+    number = float(text) if ("e" in text or "E" in text) else int(text)
+    if isinstance(number, float):
+        if not number.is_integer():
+            return number
+        number = int(number)
+    if INT64_MIN <= number <= INT64_MAX:
+        return number
+    return _out_of_range(text, where, rules)
+
+
+def _out_of_range(text: str, where: str, rules: ValueRules) -> str:
+    if rules.type_cast:
+        return text
+    raise PayloadError(f"{where}: integer outside the 64-bit range")
+
+
+def _plain(value: Any) -> Any:
+    """Nested JSON kept as JSON: literals kept by the slow path become ordinary numbers again."""
+    if isinstance(value, _Literal):
+        return json.loads(str(value))
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _timestamp(value: Any, where: str) -> int:
+    """Epoch milliseconds: an integer, an integral number or a numeric string (read as a long)."""
+    if isinstance(value, _Literal):
+        value = json.loads(str(value))
+    if isinstance(value, bool):
+        raise PayloadError(f"{where}: expected epoch milliseconds, got a boolean")
+    if isinstance(value, int):
+        ts = value
+    elif isinstance(value, float) and value.is_integer():
+        ts = int(value)
+    elif isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        ts = int(value.strip())
+    else:
+        raise PayloadError(f"{where}: expected epoch milliseconds, got {value!r}")
+    if not 0 <= ts <= INT64_MAX:
+        raise PayloadError(f"{where}: timestamp {ts} is out of range")
+    return ts
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def key_list(text: str | None) -> list[str] | None:
+    """``"a,b"`` -> ``["a", "b"]``; absent -> None (meaning all keys)."""
+    if text is None:
+        return None
+    return [key.strip() for key in text.split(",") if key.strip()]

@@ -1,0 +1,158 @@
+"""Bounded queue + batcher between the transports and the sink.
+
+Transports call ``submit(records)`` with the records of one device message. Admission is all or nothing
+and never blocks: a full queue answers ``Outcome.QUEUE_FULL`` at once (the transport refuses visibly).
+Otherwise ``submit`` returns a future that resolves once the sink has made every record durable, and only
+then may the transport acknowledge the device (DESIGN.md §4).
+
+When a batch leaves (docs/pipeline.md):
+- at once when the sink has nothing in flight — a lone message on an idle gateway never lingers;
+- otherwise when it reaches ``batch_size``, when ``batch_timeout_s`` has passed since the batcher started
+  filling it, or when the sink becomes idle, whichever comes first. Batches therefore grow with load
+  (natural batching) and latency stays low when traffic is light.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Sequence
+
+from tb_gateway.errors import SinkError
+from tb_gateway.metrics import Metrics
+from tb_gateway.records import Record
+from tb_gateway.sinks.base import Outcome, Sink, worst
+
+log = logging.getLogger(__name__)
+
+
+class _Ticket:
+    """One device message: resolves its future when the last of its records is settled."""
+
+    __slots__ = ("future", "outcome", "pending")
+
+    def __init__(self, future: asyncio.Future[Outcome], pending: int) -> None:
+        self.future = future
+        self.pending = pending
+        self.outcome = Outcome.DELIVERED
+
+    def settle(self, outcome: Outcome) -> None:
+        self.outcome = worst(self.outcome, outcome)
+        self.pending -= 1
+        if self.pending == 0 and not self.future.done():
+            self.future.set_result(self.outcome)
+
+
+class Pipeline:
+    def __init__(
+        self,
+        sink: Sink,
+        metrics: Metrics,
+        *,
+        batch_size: int,
+        batch_timeout_s: float,
+        max_queue: int,
+    ) -> None:
+        self.sink = sink
+        self._metrics = metrics
+        self._batch_size = batch_size
+        self._batch_timeout_s = batch_timeout_s
+        self._max_queue = max_queue
+        self._queue: deque[tuple[Record, _Ticket]] = deque()
+        self._wakeup = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._slots = asyncio.Semaphore(sink.max_in_flight)
+        self._in_flight = 0
+        self._closing = False
+        metrics.queue_depth.set_function(lambda: len(self._queue))
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def has_room(self, count: int = 1) -> bool:
+        return len(self._queue) + count <= self._max_queue
+
+    async def wait_for_room(self) -> None:
+        """For stream transports that stop reading their sockets instead of refusing (backpressure)."""
+        while not self.has_room() and not self._closing:
+            self._room.clear()
+            await self._room.wait()
+
+    def submit(self, records: Sequence[Record]) -> Outcome | asyncio.Future[Outcome]:
+        """Admit one device message; an ``Outcome`` means refused (or empty) at once, a future means queued."""
+        if self._closing:
+            return Outcome.SHUTTING_DOWN
+        if not records:
+            return Outcome.DELIVERED
+        if not self.has_room(len(records)):
+            return Outcome.QUEUE_FULL
+        ticket = _Ticket(asyncio.get_running_loop().create_future(), len(records))
+        self._queue.extend((record, ticket) for record in records)
+        self._wakeup.set()
+        return ticket.future
+
+    def close(self) -> None:
+        """Stop admitting; ``run`` returns once everything admitted so far is settled."""
+        self._closing = True
+        self._wakeup.set()
+        self._room.set()
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as deliveries:
+            while True:
+                if not self._queue:
+                    if self._closing:
+                        break
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                await self._slots.acquire()
+                await self._linger()
+                batch = [self._queue.popleft() for _ in range(min(self._batch_size, len(self._queue)))]
+                self._room.set()
+                self._in_flight += 1
+                deliveries.create_task(self._deliver(batch))
+
+    async def _linger(self) -> None:
+        """While the sink is busy, let the batch fill up to its size, its timeout or until the sink is idle."""
+        if self._in_flight == 0 or self._closing or len(self._queue) >= self._batch_size:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._batch_timeout_s
+        while len(self._queue) < self._batch_size and self._in_flight > 0 and not self._closing:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            self._wakeup.clear()
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._wakeup.wait()
+            except TimeoutError:
+                return
+
+    async def _deliver(self, batch: list[tuple[Record, _Ticket]]) -> None:
+        records = [record for record, _ in batch]
+        try:
+            outcomes: Sequence[Outcome] = await self.sink.deliver(records)
+        except SinkError as exc:
+            log.error("sink %s failed a batch of %d records: %s", self.sink.name, len(records), exc)
+            self._metrics.errors.labels(component="sink").inc()
+            outcomes = [Outcome.SINK_FAILED] * len(records)
+        except Exception:  # a bug in a sink must not take the pipeline down: answer the devices, say it loudly
+            log.exception("sink %s raised unexpectedly on a batch of %d records", self.sink.name, len(records))
+            self._metrics.errors.labels(component="sink").inc()
+            outcomes = [Outcome.SINK_FAILED] * len(records)
+        finally:
+            self._in_flight -= 1
+            self._slots.release()
+            self._wakeup.set()
+        self._metrics.count_sent(records, outcomes)
+        for (_, ticket), outcome in zip(batch, outcomes, strict=True):
+            ticket.settle(outcome)

@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.gateway_process import GatewayProcess
+
+GatewayFactory = Callable[..., GatewayProcess]
+
+
+@pytest.fixture
+def gateway_factory(tmp_path: Path) -> Iterator[GatewayFactory]:
+    """Make (not start) gateway processes with their own DATA_DIR and free ports; all killed at teardown."""
+    made: list[GatewayProcess] = []
+
+    def make(name: str = "gw", **overrides: str) -> GatewayProcess:
+        process = GatewayProcess(tmp_path / name, {k.upper(): str(v) for k, v in overrides.items()})
+        made.append(process)
+        return process
+
+    yield make
+    for process in made:
+        process.kill9()
+
+
+@pytest.fixture
+def gateway(gateway_factory: GatewayFactory) -> GatewayProcess:
+    """A running gateway on the embedded default."""
+    return gateway_factory().start()

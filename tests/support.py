@@ -1,0 +1,104 @@
+"""In-process building blocks for tests: a recording sink and a DeviceApi wired like the app wires it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tb_gateway.attributes import AttributeStore
+from tb_gateway.auth import AccessToken, AuthService, Credentials
+from tb_gateway.config import Settings
+from tb_gateway.device_api import DeviceApi
+from tb_gateway.errors import RetriableSinkError
+from tb_gateway.metrics import Metrics
+from tb_gateway.pipeline import Pipeline
+from tb_gateway.records import DeviceIdentity, Record
+from tb_gateway.sinks.base import Outcome
+
+
+class MemorySink:
+    """Keeps every delivered batch; can be slowed, gated, or told to fail."""
+
+    name = "memory"
+
+    def __init__(self, max_in_flight: int = 1, delay_s: float = 0.0) -> None:
+        self.max_in_flight = max_in_flight
+        self.delay_s = delay_s
+        self.batches: list[list[Record]] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.fail_with: Exception | None = None
+        self.outcome_for: dict[str, Outcome] = {}  # device name -> outcome to report instead of DELIVERED
+        self.closed = False
+
+    @property
+    def records(self) -> list[Record]:
+        return [record for batch in self.batches for record in batch]
+
+    async def start(self) -> None:
+        pass
+
+    async def run(self) -> None:
+        pass
+
+    async def deliver(self, batch: Sequence[Record]) -> Sequence[Outcome]:
+        await self.gate.wait()
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        if self.fail_with is not None:
+            raise self.fail_with
+        self.batches.append(list(batch))
+        return [self.outcome_for.get(r.device.name, Outcome.DELIVERED) for r in batch]
+
+    async def close(self) -> None:
+        self.closed = True
+
+    def health(self) -> dict[str, Any]:
+        return {"status": "up"}
+
+
+class TokenSource:
+    """A credential source from a dict of token -> device name."""
+
+    name = "test"
+
+    def __init__(self, tokens: dict[str, str]) -> None:
+        self.tokens = tokens
+        self.lookups = 0
+
+    async def lookup(self, credentials: Credentials) -> DeviceIdentity | None:
+        self.lookups += 1
+        if isinstance(credentials, AccessToken) and credentials.token in self.tokens:
+            name = self.tokens[credentials.token]
+            return DeviceIdentity(f"id-{name}", name, "default", credentials.token)
+        return None
+
+
+def make_api(
+    tmp_path: Path,
+    sink: MemorySink | None = None,
+    tokens: dict[str, str] | None = None,
+    **settings: Any,
+) -> DeviceApi:
+    """A DeviceApi over a MemorySink; call inside a running loop and run ``api.pipeline.run()`` beside it."""
+    config = Settings(_env_file=None, kafka_enabled=False, data_dir=tmp_path, **settings)  # type: ignore[call-arg]
+    metrics = Metrics()
+    pipeline = Pipeline(
+        sink or MemorySink(),
+        metrics,
+        batch_size=config.batch_size,
+        batch_timeout_s=config.batch_timeout,
+        max_queue=config.queue_max_records,
+    )
+    auth = AuthService(
+        [TokenSource(tokens or {"T1": "dev1"})],
+        metrics,
+        ttl_s=config.auth_cache_ttl_seconds,
+        negative_ttl_s=config.auth_negative_cache_ttl_seconds,
+    )
+    return DeviceApi(config, auth, pipeline, AttributeStore(tmp_path / "attributes.db"), metrics)
+
+
+__all__ = ["MemorySink", "RetriableSinkError", "TokenSource", "make_api"]

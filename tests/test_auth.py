@@ -1,0 +1,116 @@
+"""AuthService: cache for hits and misses, coalesced lookups, failure metric, invalidation."""
+
+from __future__ import annotations
+
+import asyncio
+
+from tb_gateway.auth import AccessToken, AuthService
+from tb_gateway.metrics import Metrics
+from tests.support import TokenSource
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make() -> tuple[AuthService, TokenSource, Clock, Metrics]:
+    source, clock, metrics = TokenSource({"good": "dev"}), Clock(), Metrics()
+    return AuthService([source], metrics, ttl_s=3600, negative_ttl_s=5, clock=clock), source, clock, metrics
+
+
+def failures(metrics: Metrics, transport: str) -> float:
+    value = metrics.registry.get_sample_value("tb_gateway_auth_failures_total", {"transport": transport})
+    return value or 0.0
+
+
+def test_hits_cached_for_the_ttl_misses_for_the_short_ttl() -> None:
+    auth, source, clock, metrics = make()
+
+    async def main() -> None:
+        assert (await auth.authenticate(AccessToken("good"), "http")).name == "dev"  # type: ignore[union-attr]
+        assert await auth.authenticate(AccessToken("bad"), "mqtt") is None
+        assert source.lookups == 2
+        clock.now = 4.9
+        await auth.authenticate(AccessToken("good"), "http")
+        assert await auth.authenticate(AccessToken("bad"), "mqtt") is None
+        assert source.lookups == 2  # both answered from the cache
+        clock.now = 5.1
+        assert await auth.authenticate(AccessToken("bad"), "coap") is None
+        assert source.lookups == 3  # the miss expired
+        clock.now = 3599
+        await auth.authenticate(AccessToken("good"), "http")
+        assert source.lookups == 3
+        clock.now = 3601
+        await auth.authenticate(AccessToken("good"), "http")
+        assert source.lookups == 4
+
+    asyncio.run(main())
+    assert failures(metrics, "mqtt") == 2
+    assert failures(metrics, "coap") == 1
+    assert failures(metrics, "http") == 0
+
+
+def test_a_device_added_later_gets_in_once_the_miss_expires() -> None:
+    auth, source, clock, _ = make()
+
+    async def main() -> None:
+        assert await auth.authenticate(AccessToken("late"), "http") is None
+        source.tokens["late"] = "late-dev"
+        clock.now = 6
+        assert await auth.authenticate(AccessToken("late"), "http") is not None
+
+    asyncio.run(main())
+
+
+def test_concurrent_lookups_share_one_source_query() -> None:
+    class Slow(TokenSource):
+        async def lookup(self, credentials):  # type: ignore[no-untyped-def]
+            await asyncio.sleep(0.01)
+            return await super().lookup(credentials)
+
+    slow = Slow({"good": "dev"})
+    auth = AuthService([slow], Metrics(), ttl_s=10, negative_ttl_s=1)
+
+    async def main() -> None:
+        results = await asyncio.gather(*(auth.authenticate(AccessToken("good"), "http") for _ in range(50)))
+        assert {r.name for r in results if r} == {"dev"}
+
+    asyncio.run(main())
+    assert slow.lookups == 1
+
+
+def test_sources_are_asked_in_order_until_one_knows() -> None:
+    first, second = TokenSource({"a": "from-first"}), TokenSource({"a": "from-second", "b": "from-second"})
+    auth = AuthService([first, second], Metrics(), ttl_s=10, negative_ttl_s=1)
+
+    async def main() -> None:
+        assert (await auth.authenticate(AccessToken("a"), "http")).name == "from-first"  # type: ignore[union-attr]
+        assert (await auth.authenticate(AccessToken("b"), "http")).name == "from-second"  # type: ignore[union-attr]
+
+    asyncio.run(main())
+
+
+def test_invalidate_all_or_matching_and_bounded_size() -> None:
+    auth, source, _, _ = make()
+
+    async def main() -> None:
+        await auth.authenticate(AccessToken("good"), "http")
+        await auth.authenticate(AccessToken("bad"), "http")
+        assert auth.invalidate(lambda cred, identity: identity is None) == 1
+        assert auth.invalidate() == 1
+        await auth.authenticate(AccessToken("good"), "http")
+        assert source.lookups == 3
+
+    asyncio.run(main())
+    small = AuthService([TokenSource({})], Metrics(), ttl_s=10, negative_ttl_s=10, max_entries=10)
+
+    async def flood() -> None:
+        for n in range(1000):
+            await small.authenticate(AccessToken(f"guess{n}"), "http")
+
+    asyncio.run(flood())
+    assert len(small._cache) <= 10

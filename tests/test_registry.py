@@ -1,0 +1,88 @@
+"""The embedded device registry, through the real `tb-gateway device` commands and directly."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import orjson
+import pytest
+
+from tb_gateway.auth import AccessToken, MqttBasic
+from tb_gateway.errors import RegistryError
+from tb_gateway.registry import Registry, RegistryCredentials
+from tests.gateway_process import GatewayProcess
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> GatewayProcess:
+    return GatewayProcess(tmp_path / "cli")
+
+
+def test_add_prints_a_random_token_list_and_remove(cli: GatewayProcess) -> None:
+    token = cli.add_device("thermostat")
+    assert len(token) >= 20 and token.isprintable() and " " not in token
+    assert cli.add_device("meter", "MY_TOKEN_1", "--type", "power-meter") == "MY_TOKEN_1"
+    rows = [orjson.loads(line) for line in cli.cli("device", "list", "--json").stdout.splitlines()]
+    assert [(r["name"], r["type"], r["token"]) for r in rows] == [
+        ("meter", "power-meter", "MY_TOKEN_1"),
+        ("thermostat", "default", token),
+    ]
+    table = cli.cli("device", "list").stdout
+    assert "thermostat" in table and token in table
+    assert cli.cli("device", "remove", "meter").stdout.strip() == "removed meter"
+    assert "meter" not in cli.cli("device", "list").stdout
+
+
+def test_two_generated_tokens_differ(cli: GatewayProcess) -> None:
+    assert cli.add_device("a") != cli.add_device("b")
+
+
+@pytest.mark.parametrize(
+    ("second", "message"),
+    [
+        (["device", "add", "dup", "--token", "OTHER"], "a device named 'dup' already exists"),
+        (["device", "add", "other", "--token", "TOKEN_X"], "access token is already used"),
+        (["device", "remove", "ghost"], "no device named 'ghost'"),
+        (["device", "add", "bad", "--token", "a/b"], "token must be non-empty"),
+    ],
+)
+def test_refusals_are_clear_and_exit_non_zero(cli: GatewayProcess, second: list[str], message: str) -> None:
+    cli.add_device("dup", "TOKEN_X")
+    result = cli.cli(*second, check=False)
+    assert result.returncode == 1
+    assert message in result.stderr
+    assert result.stdout == ""
+
+
+def test_mqtt_basic_credentials_resolve_in_thingsboards_order(tmp_path: Path) -> None:
+    registry = Registry(tmp_path / "r.db")
+    registry.add("basic", client_id="c1", username="u1", password="p1")
+    registry.add("client-only", client_id="c2")
+    registry.add("user-only", username="u3", password="p3")
+    token_device = registry.add("token", token="TOK")
+    source = RegistryCredentials(registry)
+
+    def name(credentials: MqttBasic | AccessToken) -> str | None:
+        identity = asyncio.run(source.lookup(credentials))
+        return identity.name if identity else None
+
+    assert name(MqttBasic("c1", "u1", "p1")) == "basic"
+    assert name(MqttBasic("c1", "u1", "wrong")) is None
+    assert name(MqttBasic("c2", "", "")) == "client-only"
+    assert name(MqttBasic("any-client", "u3", "p3")) == "user-only"
+    assert name(MqttBasic("any-client", "u3", "bad")) is None
+    assert name(MqttBasic("whatever", "TOK", "ignored")) == "token"  # access token as user name
+    assert name(AccessToken("TOK")) == "token"
+    assert name(AccessToken("nope")) is None
+    assert token_device.identity.token == "TOK"
+    with pytest.raises(RegistryError, match="MQTT basic credentials are already used"):
+        registry.add("again", client_id="c1", username="u1")
+
+
+def test_data_version_changes_when_another_connection_writes(tmp_path: Path) -> None:
+    gateway_side = Registry(tmp_path / "r.db")
+    cli_side = Registry(tmp_path / "r.db")
+    before = gateway_side.data_version()
+    cli_side.add("new")
+    assert gateway_side.data_version() != before
