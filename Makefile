@@ -21,6 +21,7 @@ run: $(STAMP)
 # Everything the tests use: Debian packages, the Kafka jars, the SDK's own virtualenv.
 deps: $(STAMP)
 	bash scripts/system-deps.sh
+	bash scripts/tb-sdk-venv.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

@@ -114,3 +114,19 @@ def test_invalidate_all_or_matching_and_bounded_size() -> None:
 
     asyncio.run(flood())
     assert len(small._cache) <= 10
+
+
+def test_invalidate_source_keeps_what_other_sources_vouched_for() -> None:
+    registry, backend = TokenSource({"reg": "r"}), TokenSource({"tb": "t"})
+    registry.name, backend.name = "registry", "thingsboard"
+    auth = AuthService([registry, backend], Metrics(), ttl_s=100, negative_ttl_s=100)
+
+    async def main() -> None:
+        for token in ("reg", "tb", "nobody"):
+            await auth.authenticate(AccessToken(token), "http")
+        assert auth.invalidate_source("registry") == 2  # the registry's hit and the miss
+        for token in ("reg", "tb", "nobody"):
+            await auth.authenticate(AccessToken(token), "http")
+
+    asyncio.run(main())
+    assert (registry.lookups, backend.lookups) == (5, 3)  # "tb" was still cached: no new query for it

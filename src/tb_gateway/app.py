@@ -19,7 +19,6 @@ from tb_gateway.auth import AuthService, CredentialSource
 from tb_gateway.auth_thingsboard import forget_token
 from tb_gateway.config import Settings
 from tb_gateway.device_api import DeviceApi
-from tb_gateway.errors import ConfigError
 from tb_gateway.metrics import Metrics
 from tb_gateway.pipeline import Pipeline
 from tb_gateway.registry import Registry, RegistryCredentials
@@ -36,10 +35,22 @@ Health = Callable[[], tuple[bool, dict[str, Any]]]
 
 def build_sink(settings: Settings, metrics: Metrics, on_token_rejected: Callable[[str], object] | None = None) -> Sink:
     if settings.kafka_enabled:
-        raise ConfigError(["KAFKA_ENABLED: the Kafka sink is not built yet; set KAFKA_ENABLED=false"])
+        return _kafka_sink(settings, metrics)
     if settings.tb_http_enabled:
         return _thingsboard_sink(settings, metrics, on_token_rejected)
     return StoreSink(settings.data_dir / "messages.db")
+
+
+def _kafka_sink(settings: Settings, metrics: Metrics) -> Sink:
+    """Kafka, behind the spool unless SPOOL_ENABLED=false (docs/kafka-records.md)."""
+    from tb_gateway.sinks.kafka import KafkaSink
+    from tb_gateway.sinks.reliable import SpoolingSink
+    from tb_gateway.sinks.spool import Spool
+
+    primary = KafkaSink.from_settings(settings, metrics)
+    if not settings.spool_enabled:
+        return primary
+    return SpoolingSink(primary, Spool(settings.data_dir / "spool" / primary.name, settings.spool_max_bytes), metrics)
 
 
 def _thingsboard_sink(settings: Settings, metrics: Metrics, on_token_rejected: Callable[[str], object] | None) -> Sink:
@@ -70,6 +81,14 @@ def build_servers(settings: Settings, api: DeviceApi, health: Health) -> list[Se
         from tb_gateway.http.server import HttpServer
 
         servers.append(HttpServer(api, health))
+    if settings.mqtt_enabled:
+        from tb_gateway.mqtt.server import MqttServer
+
+        servers.append(MqttServer(api))
+    if settings.coap_enabled:
+        from tb_gateway.coap.server import CoapServer
+
+        servers.append(CoapServer(api))
     return servers
 
 
@@ -155,6 +174,7 @@ class Gateway:
             log.error("pipeline did not flush within %.1f s", timeout)
             pipeline_task.cancel()
         await self.sink.close()
+        await self.auth.close()
         for task in others:
             task.cancel()
 
@@ -165,7 +185,7 @@ class Gateway:
             current = self.registry.data_version()
             if current != version:
                 version = current
-                dropped = self.auth.invalidate()
+                dropped = self.auth.invalidate_source(RegistryCredentials.name)
                 log.info("device registry changed; dropped %d cached credentials", dropped)
 
 
@@ -191,8 +211,19 @@ async def serve(settings: Settings) -> None:
                 loop.remove_signal_handler(sig)
 
 
+def _raise_fd_limit() -> None:
+    """Every connection is a file descriptor: lift the soft limit to the hard one (often 1024 -> 1M)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def run(settings: Settings) -> None:
     import uvloop
 
+    _raise_fd_limit()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(serve(settings))

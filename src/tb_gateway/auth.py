@@ -53,6 +53,7 @@ class CredentialSource(Protocol):
 class _Entry:
     identity: DeviceIdentity | None
     expires_at: float
+    source: str | None  # name of the source that knew it; None for a miss
 
 
 class AuthService:
@@ -92,7 +93,7 @@ class AuthService:
         future: asyncio.Future[DeviceIdentity | None] = asyncio.get_running_loop().create_future()
         self._pending[credentials] = future
         try:
-            identity = await self._ask_sources(credentials)
+            identity, source = await self._ask_sources(credentials)
         except BaseException as exc:
             future.set_exception(exc)
             future.exception()  # mark retrieved: waiters re-raise it themselves
@@ -100,23 +101,37 @@ class AuthService:
         finally:
             del self._pending[credentials]
         future.set_result(identity)
-        self._remember(credentials, identity)
+        self._remember(credentials, identity, source)
         return identity
 
-    async def _ask_sources(self, credentials: Credentials) -> DeviceIdentity | None:
+    async def _ask_sources(self, credentials: Credentials) -> tuple[DeviceIdentity | None, str | None]:
         for source in self._sources:
             identity = await source.lookup(credentials)
             if identity is not None:
-                return identity
-        return None
+                return identity, source.name
+        return None, None
 
-    def _remember(self, credentials: Credentials, identity: DeviceIdentity | None) -> None:
+    def _remember(self, credentials: Credentials, identity: DeviceIdentity | None, source: str | None) -> None:
         if len(self._cache) >= self._max_entries:
             # dicts keep insertion order: drop the oldest tenth in one go rather than one per insert
             for key in list(self._cache)[: max(1, self._max_entries // 10)]:
                 del self._cache[key]
         ttl = self._ttl_s if identity is not None else self._negative_ttl_s
-        self._cache[credentials] = _Entry(identity, self._clock() + ttl)
+        self._cache[credentials] = _Entry(identity, self._clock() + ttl, source)
+
+    async def close(self) -> None:
+        """Release what sources hold (the ThingsBoard source's connection pool); the app calls it at shutdown."""
+        for source in self._sources:
+            close = getattr(source, "close", None)
+            if close is not None:
+                await close()
+
+    def invalidate_source(self, name: str) -> int:
+        """Forget what one source answered, and every miss (the source may know those now)."""
+        doomed = [key for key, entry in self._cache.items() if entry.source in (name, None)]
+        for key in doomed:
+            del self._cache[key]
+        return len(doomed)
 
     def invalidate(self, predicate: Callable[[Credentials, DeviceIdentity | None], bool] | None = None) -> int:
         """Forget cached answers (all, or those matching); returns how many were dropped."""

@@ -1,0 +1,59 @@
+"""`make bench`: run the benchmarks, print a table of figures and ratios, save JSON under bench/results/.
+
+python -m bench [--only mqtt,coap,http,idle] [--seconds 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+from bench.common import save, table
+
+SCENARIOS: dict[str, tuple[str, str]] = {
+    "http": ("bench.http_bench", "throughput"),
+    "mqtt": ("bench.mqtt_bench", "throughput"),
+    "coap": ("bench.coap_bench", "throughput"),
+    "idle": ("bench.mqtt_bench", "idle_memory"),
+}
+
+
+def _scenario(name: str) -> Callable[..., Any]:
+    module, function = SCENARIOS[name]
+    return getattr(importlib.import_module(module), function)  # type: ignore[no-any-return]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    parser.add_argument("--only", default=",".join(SCENARIOS), help="comma-separated: " + ", ".join(SCENARIOS))
+    parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per run")
+    args = parser.parse_args()
+    rows: list[tuple[str, ...]] = [("scenario", "gateway/s", "reference/s", "ratio", "p50 ms", "p99 ms", "gen CPU")]
+    results: dict[str, Any] = {}
+    for name in args.only.split(","):
+        run = _scenario(name)
+        outcome = run() if name == "idle" else run(args.seconds)
+        results[name] = outcome
+        for row in outcome if isinstance(outcome, list) else []:
+            ours, ref = row["gateway"], row["reference"]
+            rows.append(
+                (
+                    row["scenario"],
+                    f"{ours['rate_per_s']:,.0f}",
+                    f"{ref['rate_per_s']:,.0f} ({row['reference_name']})",
+                    f"{row['ratio']:.2f}x",
+                    f"{ours.get('p50_ms', 0):.2f}",
+                    f"{ours.get('p99_ms', 0):.2f}",
+                    f"{ours.get('generator_cpu_s', 0):.1f}s",
+                )
+            )
+        if name == "idle":
+            print(f"idle MQTT connections: {outcome['kib_per_connection']:.2f} KiB resident each ({outcome['opened']})")
+    print(table(rows))
+    print(f"saved {save('bench', results)}")
+
+
+if __name__ == "__main__":
+    main()

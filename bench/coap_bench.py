@@ -1,0 +1,40 @@
+"""CoAP: CON POST telemetry with a piggybacked 2.01 after the sink confirmed, against libcoap's server."""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any
+
+from tests.gateway_process import GatewayProcess
+
+from bench.common import SERVER_CORE, free_port, pinned, process, run_load, tempdir
+
+TOKEN = "BENCH_TOKEN"
+SOCKETS, INFLIGHT = 50, 20
+
+
+def throughput(seconds: float) -> list[dict[str, Any]]:
+    load = ["-mode", "coap", "-conns", str(SOCKETS), "-inflight", str(INFLIGHT), "-duration", f"{seconds}s"]
+    port = free_port(socket.SOCK_DGRAM)
+    # -d: let POSTs create resources, so libcoap answers 2.01 like the gateway does
+    with process(pinned(SERVER_CORE, "coap-server-notls", "-A", "127.0.0.1", "-p", str(port), "-d", "1000")):
+        time.sleep(0.5)
+        reference = run_load(*load, "-addr", f"127.0.0.1:{port}", "-token", TOKEN)
+    env = {"HTTP_ENABLED": "false", "MQTT_ENABLED": "false", "BATCH_SIZE": "2000", "LOG_LEVEL": "WARNING"}
+    gw = GatewayProcess(tempdir(), env, prefix=pinned(SERVER_CORE))
+    gw.add_device("bench-device", TOKEN)
+    gw.start()
+    try:
+        ours = run_load(*load, "-addr", f"127.0.0.1:{gw.coap_port}", "-token", TOKEN)
+    finally:
+        gw.stop()
+    return [
+        {
+            "scenario": f"coap con post {SOCKETS}x{INFLIGHT}",
+            "gateway": ours,
+            "reference": reference,
+            "reference_name": "libcoap coap-server-notls",
+            "ratio": ours["rate_per_s"] / reference["rate_per_s"] if reference["rate_per_s"] else 0.0,
+        }
+    ]

@@ -1,0 +1,104 @@
+"""Shared benchmark plumbing: pinned processes, the Go load generator, results on disk.
+
+The server under test and the reference server each run pinned to core 0 (one at a time); the load generator
+runs pinned to core 1 and reports its own CPU time, so a saturated generator is visible in the results.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+CACHE = ROOT / ".cache" / "bin"
+SERVER_CORE = "0"
+LOAD_CORE = "1"
+
+
+def pinned(core: str, *cmd: str) -> list[str]:
+    return (
+        ["taskset", "-c", core, *cmd]
+        if shutil.which("taskset") and os.cpu_count() and os.cpu_count() > 1
+        else list(cmd)
+    )  # type: ignore[operator]
+
+
+def free_port(kind: socket.SocketKind = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout_s: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port}")
+
+
+def loadgen() -> Path:
+    """Build the Go load generator once (standard library only, so no download)."""
+    binary = CACHE / "loadgen"
+    sources = list((ROOT / "bench" / "loadgen").glob("*.go"))
+    if not binary.exists() or any(s.stat().st_mtime > binary.stat().st_mtime for s in sources):
+        CACHE.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["go", "build", "-o", str(binary), "."], cwd=ROOT / "bench" / "loadgen", check=True)
+    return binary
+
+
+def run_load(*args: str, timeout_s: float = 120.0) -> dict[str, Any]:
+    out = subprocess.run(
+        pinned(LOAD_CORE, str(loadgen()), *args), capture_output=True, text=True, timeout=timeout_s, check=True
+    )
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+@contextlib.contextmanager
+def process(cmd: list[str], **kwargs: Any) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kwargs)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def tempdir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="tb-bench-"))
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def save(name: str, results: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(results, indent=2))
+    return path
+
+
+def table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows)

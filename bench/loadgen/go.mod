@@ -1,0 +1,3 @@
+module tbgateway/bench/loadgen
+
+go 1.22

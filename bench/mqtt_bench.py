@@ -1,0 +1,107 @@
+"""MQTT: QoS 1 throughput and latency against mosquitto, and resident memory per idle connection.
+
+Scenarios (DESIGN.md §7): 50 connections x 100 in flight and 500 connections x 1 in flight, 60-byte JSON,
+PUBACK only after the sink confirmed (the embedded store: fsynced SQLite); 10,000 idle connections.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from typing import Any
+
+from tests.gateway_process import GatewayProcess
+
+from bench.common import (
+    LOAD_CORE,
+    SERVER_CORE,
+    free_port,
+    loadgen,
+    pinned,
+    process,
+    rss_kib,
+    run_load,
+    tempdir,
+    wait_port,
+)
+
+TOKEN = "BENCH_TOKEN"
+SHAPES = [(50, 100), (500, 1)]  # (connections, in flight per connection)
+
+
+def gateway(**overrides: str) -> GatewayProcess:
+    env = {"HTTP_ENABLED": "false", "COAP_ENABLED": "false", "BATCH_SIZE": "2000", "LOG_LEVEL": "WARNING"}
+    env.update(overrides)
+    gw = GatewayProcess(tempdir(), env, prefix=pinned(SERVER_CORE))
+    gw.add_device("bench-device", TOKEN)
+    return gw
+
+
+def throughput(seconds: float) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for conns, inflight in SHAPES:
+        load = ["-mode", "mqtt", "-conns", str(conns), "-inflight", str(inflight), "-duration", f"{seconds}s"]
+        port = free_port()
+        conf = tempdir() / "mosquitto.conf"
+        conf.write_text(
+            f"listener {port} 127.0.0.1\nallow_anonymous true\nmax_inflight_messages 0\n"
+            "max_queued_messages 0\npersistence false\nlog_dest none\nmax_connections -1\n"
+        )
+        with process(pinned(SERVER_CORE, "mosquitto", "-c", str(conf))):
+            wait_port(port)
+            reference = run_load(*load, "-addr", f"127.0.0.1:{port}")
+        gw = gateway()
+        gw.start()
+        try:
+            ours = run_load(*load, "-addr", f"127.0.0.1:{gw.mqtt_port}", "-token", TOKEN)
+        finally:
+            gw.stop()
+        rows.append(
+            {
+                "scenario": f"mqtt qos1 {conns}x{inflight}",
+                "gateway": ours,
+                "reference": reference,
+                "reference_name": "mosquitto",
+                "ratio": ours["rate_per_s"] / reference["rate_per_s"] if reference["rate_per_s"] else 0.0,
+            }
+        )
+    return rows
+
+
+def idle_memory(connections: int = 10_000, hold_s: float = 20.0) -> dict[str, Any]:
+    gw = gateway(MQTT_MAX_CONNECTIONS=str(connections + 100))
+    gw.start()
+    try:
+        assert gw.proc is not None
+        time.sleep(1.0)
+        before = rss_kib(gw.proc.pid)
+        holder = subprocess.Popen(
+            pinned(
+                LOAD_CORE,
+                str(loadgen()),
+                "-addr",
+                f"127.0.0.1:{gw.mqtt_port}",
+                "-token",
+                TOKEN,
+                "-idle",
+                str(connections),
+                "-hold",
+                f"{hold_s}s",
+            ),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert holder.stdout is not None
+        opened = holder.stdout.readline()
+        time.sleep(2.0)
+        after = rss_kib(gw.proc.pid)
+        holder.wait(hold_s + 30)
+    finally:
+        gw.stop()
+    return {
+        "scenario": f"mqtt idle x{connections}",
+        "opened": opened.strip(),
+        "rss_before_kib": before,
+        "rss_after_kib": after,
+        "kib_per_connection": (after - before) / connections,
+    }
