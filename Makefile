@@ -22,6 +22,7 @@ run: $(STAMP)
 deps: $(STAMP)
 	bash scripts/system-deps.sh
 	bash scripts/tb-sdk-venv.sh
+	$(BIN)/python -m tests.harness.kafka fetch
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from tests.gateway_process import GatewayProcess
+from tests.harness.kafka_fixtures import kafka, kafka_session  # noqa: F401  (real broker, one per session)
 
 GatewayFactory = Callable[..., GatewayProcess]
 

@@ -29,6 +29,7 @@ class GatewayProcess:
     mqtt_port: int = field(default_factory=free_port)
     coap_port: int = field(default_factory=lambda: free_port(socket.SOCK_DGRAM))
     metrics_port: int = field(default_factory=free_port)
+    prefix: list[str] = field(default_factory=list)  # e.g. ["taskset", "-c", "0"] for benchmarks
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
 
@@ -67,7 +68,7 @@ class GatewayProcess:
         self.starts += 1
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                [str(BIN / "tb-gateway"), "run"],
+                [*self.prefix, str(BIN / "tb-gateway"), "run"],
                 env=self.env,
                 cwd=self.data_dir,
                 stdout=log,

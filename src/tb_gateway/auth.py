@@ -86,6 +86,19 @@ class AuthService:
             self._metrics.auth_failures.labels(transport=transport).inc()
         return identity
 
+    def cached(self, credentials: Credentials, transport: str) -> tuple[bool, DeviceIdentity | None]:
+        """``authenticate`` from the cache alone, without awaiting: ``(False, None)`` when not cached.
+
+        The hot path of per-request transports (HTTP, CoAP): a cached refusal is counted as ``authenticate``
+        would count it; on ``(False, None)`` the caller awaits ``authenticate``.
+        """
+        entry = self._cache.get(credentials)
+        if entry is None or entry.expires_at <= self._clock():
+            return False, None
+        if entry.identity is None:
+            self._metrics.auth_failures.labels(transport=transport).inc()
+        return True, entry.identity
+
     async def _resolve(self, credentials: Credentials) -> DeviceIdentity | None:
         pending = self._pending.get(credentials)
         if pending is not None:

@@ -71,6 +71,13 @@ class DeviceApi:
     async def authenticate(self, credentials: Credentials, transport: Transport) -> DeviceIdentity | None:
         return await self.auth.authenticate(credentials, transport.value)
 
+    def authenticate_cached(
+        self, credentials: Credentials, transport: Transport
+    ) -> tuple[bool, DeviceIdentity | None]:
+        """``(True, identity or None)`` when the cache knows the answer, else ``(False, None)``: then await
+        ``authenticate``. Lets a per-request transport answer without a task switch on the hot path."""
+        return self.auth.cached(credentials, transport.value)
+
     def post(
         self, device: DeviceIdentity, kind: RecordKind, payload: bytes, transport: Transport
     ) -> Outcome | asyncio.Future[Outcome]:
