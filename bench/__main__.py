@@ -17,6 +17,7 @@ SCENARIOS: dict[str, tuple[str, str]] = {
     "mqtt": ("bench.mqtt_bench", "throughput"),
     "coap": ("bench.coap_bench", "throughput"),
     "idle": ("bench.mqtt_bench", "idle_memory"),
+    "kafka": ("bench.kafka_bench", "throughput"),
 }
 
 
@@ -42,8 +43,8 @@ def main() -> None:
                 (
                     row["scenario"],
                     f"{ours['rate_per_s']:,.0f}",
-                    f"{ref['rate_per_s']:,.0f} ({row['reference_name']})",
-                    f"{row['ratio']:.2f}x",
+                    f"{ref['rate_per_s']:,.0f} ({row['reference_name']})" if ref else "-",
+                    f"{row['ratio']:.2f}x" if ref else "-",
                     f"{ours.get('p50_ms', 0):.2f}",
                     f"{ours.get('p99_ms', 0):.2f}",
                     f"{ours.get('generator_cpu_s', 0):.1f}s",

@@ -6,9 +6,8 @@ import socket
 import time
 from typing import Any
 
-from tests.gateway_process import GatewayProcess
-
 from bench.common import SERVER_CORE, free_port, pinned, process, run_load, tempdir
+from tests.gateway_process import GatewayProcess
 
 TOKEN = "BENCH_TOKEN"
 SOCKETS, INFLIGHT = 50, 20
@@ -21,7 +20,7 @@ def throughput(seconds: float) -> list[dict[str, Any]]:
     with process(pinned(SERVER_CORE, "coap-server-notls", "-A", "127.0.0.1", "-p", str(port), "-d", "1000")):
         time.sleep(0.5)
         reference = run_load(*load, "-addr", f"127.0.0.1:{port}", "-token", TOKEN)
-    env = {"HTTP_ENABLED": "false", "MQTT_ENABLED": "false", "BATCH_SIZE": "2000", "LOG_LEVEL": "WARNING"}
+    env = {"HTTP_ENABLED": "false", "MQTT_ENABLED": "false", "BATCH_SIZE": "2000"}
     gw = GatewayProcess(tempdir(), env, prefix=pinned(SERVER_CORE))
     gw.add_device("bench-device", TOKEN)
     gw.start()

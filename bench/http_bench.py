@@ -21,9 +21,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tests.gateway_process import GatewayProcess
-
 from bench.common import LOAD_CORE, SERVER_CORE, free_port, pinned, process, tempdir, wait_port
+from tests.gateway_process import GatewayProcess
 
 TOKEN = "BENCH_HTTP_TOKEN_0001"
 CONNECTIONS = 50

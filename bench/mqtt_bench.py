@@ -10,8 +10,6 @@ import subprocess
 import time
 from typing import Any
 
-from tests.gateway_process import GatewayProcess
-
 from bench.common import (
     LOAD_CORE,
     SERVER_CORE,
@@ -24,13 +22,14 @@ from bench.common import (
     tempdir,
     wait_port,
 )
+from tests.gateway_process import GatewayProcess
 
 TOKEN = "BENCH_TOKEN"
 SHAPES = [(50, 100), (500, 1)]  # (connections, in flight per connection)
 
 
 def gateway(**overrides: str) -> GatewayProcess:
-    env = {"HTTP_ENABLED": "false", "COAP_ENABLED": "false", "BATCH_SIZE": "2000", "LOG_LEVEL": "WARNING"}
+    env = {"HTTP_ENABLED": "false", "COAP_ENABLED": "false", "BATCH_SIZE": "2000"}
     env.update(overrides)
     gw = GatewayProcess(tempdir(), env, prefix=pinned(SERVER_CORE))
     gw.add_device("bench-device", TOKEN)

@@ -41,7 +41,7 @@ func option(delta int, value []byte) []byte {
 }
 
 func coapWorker(addr, token string, inflight int, payload []byte, c *counters, lat *latencies,
-	measuring, stop *atomic.Bool) error {
+	measuring, stop *atomic.Bool, pace *pacer) error {
 	raddr, err := net.ResolveUDPAddr("udp", addr)
 	if err != nil {
 		return err
@@ -56,6 +56,7 @@ func coapWorker(addr, token string, inflight int, payload []byte, c *counters, l
 	outstanding := make([]bool, 65536)
 	next := 0
 	send := func() error {
+		pace.wait()
 		next = (next + 1) % 65536
 		pkt[2], pkt[3] = byte(next>>8), byte(next)
 		pkt[4], pkt[5] = byte(next>>8), byte(next)

@@ -75,6 +75,7 @@ func main() {
 	payloadSize := flag.Int("payload", 60, "payload size in bytes (JSON)")
 	idle := flag.Int("idle", 0, "MQTT: open this many idle connections, hold them, then exit (memory test)")
 	hold := flag.Duration("hold", 30*time.Second, "MQTT idle mode: how long to hold the connections")
+	rate := flag.Float64("rate", 0, "total messages per second to offer (0 = as fast as acks allow)")
 	flag.Parse()
 
 	payload := makePayload(*payloadSize)
@@ -93,9 +94,10 @@ func main() {
 			var err error
 			switch *mode {
 			case "mqtt":
-				err = mqttWorker(*addr, *token, *version, i, *inflight, payload, &c, lat, measuring, stop)
+				err = mqttWorker(*addr, *token, *version, i, *inflight, payload, &c, lat, measuring, stop,
+					newPacer(*rate, *conns))
 			case "coap":
-				err = coapWorker(*addr, *token, *inflight, payload, &c, lat, measuring, stop)
+				err = coapWorker(*addr, *token, *inflight, payload, &c, lat, measuring, stop, newPacer(*rate, *conns))
 			default:
 				err = fmt.Errorf("unknown mode %q", *mode)
 			}
@@ -132,4 +134,28 @@ func makePayload(size int) []byte {
 		p = append(p, '1')
 	}
 	return append(p, '}')
+}
+
+// pacer spaces one worker's sends evenly so the offered load is `rate` in total (open-loop latency runs).
+type pacer struct {
+	interval time.Duration
+	next     time.Time
+}
+
+func newPacer(rate float64, workers int) *pacer {
+	if rate <= 0 {
+		return nil
+	}
+	return &pacer{interval: time.Duration(float64(time.Second) * float64(workers) / rate), next: time.Now()}
+}
+
+// wait blocks until the next send is due; a nil pacer never waits.
+func (p *pacer) wait() {
+	if p == nil {
+		return
+	}
+	if d := time.Until(p.next); d > 0 {
+		time.Sleep(d)
+	}
+	p.next = p.next.Add(p.interval)
 }

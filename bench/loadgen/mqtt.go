@@ -78,7 +78,7 @@ func dial(addr, token string, version, n int) (net.Conn, *bufio.Reader, error) {
 }
 
 func mqttWorker(addr, token string, version, n, inflight int, payload []byte, c *counters, lat *latencies,
-	measuring, stop *atomic.Bool) error {
+	measuring, stop *atomic.Bool, pace *pacer) error {
 	conn, r, err := dial(addr, token, version, n)
 	if err != nil {
 		return err
@@ -91,10 +91,18 @@ func mqttWorker(addr, token string, version, n, inflight int, payload []byte, c 
 	queue := func(k int) {
 		now := time.Now()
 		for i := 0; i < k; i++ {
+			if pace != nil {
+				pace.wait()
+				now = time.Now()
+			}
 			next = next%65535 + 1
 			pkt[idAt], pkt[idAt+1] = byte(next>>8), byte(next)
 			sent[next] = now
 			out = append(out, pkt...)
+			if pace != nil { // open loop: each message leaves when due, not batched with the next ones
+				_, _ = conn.Write(out)
+				out = out[:0]
+			}
 		}
 	}
 	queue(inflight)

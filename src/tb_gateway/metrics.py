@@ -11,7 +11,8 @@ from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from tb_gateway.records import Record
+from tb_gateway.fastmetrics import FastCounter, FastHistogram
+from tb_gateway.records import Record, RecordKind
 from tb_gateway.sinks.base import Outcome
 
 # Device send -> device ack; buckets centred on the p99 <= 5 ms target.
@@ -22,15 +23,15 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.messages_received = Counter(
+        self.messages_received = FastCounter(
             "tb_gateway_messages_received_total",
             "Device messages received (before validation), by transport",
             ["transport"],
             registry=r,
         )
-        self.messages_sent = Counter(
+        self.messages_sent = FastCounter(
             "tb_gateway_messages_sent_total",
-            "Records the sink confirmed durable, by transport",
+            "Device records the sink confirmed durable, by transport (gateway-made device-state events excluded)",
             ["transport"],
             registry=r,
         )
@@ -44,6 +45,30 @@ class Metrics:
             "tb_gateway_auth_failures_total",
             "Requests or connections refused for unknown or wrong credentials",
             ["transport"],
+            registry=r,
+        )
+        self.auth_blocked = Counter(
+            "tb_gateway_auth_blocked_total",
+            "Requests or connections refused unchecked: their address is blocked for repeated wrong credentials",
+            ["transport"],
+            registry=r,
+        )
+        self.rate_limited = Counter(
+            "tb_gateway_rate_limited_total",
+            "Device messages refused by a per-device rate limit, by transport and limit "
+            "(messages, telemetry_messages, telemetry_data_points)",
+            ["transport", "limit"],
+            registry=r,
+        )
+        self.redis_up = Gauge(
+            "tb_gateway_redis_up",
+            "1 while the shared Redis credential cache answers, 0 while the gateway runs on its local cache",
+            registry=r,
+        )
+        self.revocations = Counter(
+            "tb_gateway_revocations_total",
+            "Device revocations applied (cached credentials dropped, live sessions closed), by origin",
+            ["origin"],
             registry=r,
         )
         self.errors = Counter(
@@ -65,7 +90,7 @@ class Metrics:
             registry=r,
         )
         self.queue_depth = Gauge("tb_gateway_queue_depth", "Records waiting in the pipeline queue", registry=r)
-        self.ack_latency = Histogram(
+        self.ack_latency = FastHistogram(
             "tb_gateway_ack_latency_seconds",
             "Time from a device message being read to its acknowledgement being written",
             ["transport"],
@@ -126,10 +151,66 @@ class Metrics:
             registry=r,
         )
 
+        # --- downlink: RPC, shared attributes, device state (downlink/, docs/downlink.md) ---
+        self.rpc_outcomes = Counter(
+            "tb_gateway_rpc_total",
+            "Server-side RPC steps by status: delivered, replied, expired, timeout, rejected, cancelled; "
+            "unmatched_reply counts device replies no pending request matched",
+            ["status"],
+            registry=r,
+        )
+        self.rpc_pending = Gauge("tb_gateway_rpc_pending", "Server-side RPC requests not yet finished", registry=r)
+        self.client_rpc = Counter(
+            "tb_gateway_client_rpc_total",
+            "Client-side RPC requests by result: replied, timeout, refused, local (getSessionLimits)",
+            ["result"],
+            registry=r,
+        )
+        self.shared_attribute_updates = Counter(
+            "tb_gateway_shared_attribute_updates_total",
+            "Shared-attribute changes applied to the attribute store",
+            registry=r,
+        )
+        self.downlink_pushes = Counter(
+            "tb_gateway_downlink_pushes_total",
+            "Messages pushed down to device sessions, by kind (rpc, attributes)",
+            ["kind"],
+            registry=r,
+        )
+        self.downlink_subscriptions = Gauge(
+            "tb_gateway_downlink_subscriptions",
+            "Live device sessions subscribed to a downlink feature (rpc, attributes)",
+            ["feature"],
+            registry=r,
+        )
+        self.device_state_events = Counter(
+            "tb_gateway_device_state_events_total",
+            "Device state events by event: connect, disconnect, activity, inactivity",
+            ["event"],
+            registry=r,
+        )
+        self.devices_active = Gauge(
+            "tb_gateway_devices_active", "Devices active now (ThingsBoard's 'active' attribute)", registry=r
+        )
+        self.downlink_records_failed = Counter(
+            "tb_gateway_downlink_records_failed_total",
+            "RPC outcome, client-RPC request and device state records the pipeline did not store, by kind and outcome",
+            ["kind", "outcome"],
+            registry=r,
+        )
+        self.downlink_consumed = Counter(
+            "tb_gateway_downlink_consumed_total",
+            "Downlink Kafka records read, by topic and result (applied, invalid, unmatched)",
+            ["topic", "result"],
+            registry=r,
+        )
+
     def count_sent(self, records: Sequence[Record], outcomes: Sequence[Outcome]) -> None:
         delivered: Tally[str] = Tally()
         failed: Tally[str] = Tally()
         for record, outcome in zip(records, outcomes, strict=True):
+            if record.kind is RecordKind.DEVICE_STATE:
+                continue  # made by the gateway, not sent by a device
             if outcome is Outcome.DELIVERED:
                 delivered[record.transport.value] += 1
             else:

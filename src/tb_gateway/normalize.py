@@ -8,8 +8,9 @@
   integral; with type cast on (ThingsBoard's default) numeric-looking strings become numbers; objects and
   arrays are kept as JSON; ``null`` is skipped.
 
-orjson parses every payload. Only when a payload holds a number literal whose type orjson cannot reproduce
-(an exponent, more than 16 decimal places, 19+ digits) is it parsed again with the stdlib, keeping the literals.
+orjson parses every payload. Only when a payload holds a number whose type depends on how it was written
+(an integral double such as ``1e3`` or ``42.0``, more than 16 decimal places, beyond 64 bits) is it parsed again
+with the stdlib, keeping the literals — regexes over every payload cost more than orjson itself.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_DECIMALS = 16
 MAX_KEY_LENGTH = 255  # ThingsBoard's key dictionary column; longer keys would fail later, so refuse now
 
-_NEEDS_LITERALS = re.compile(rb"\d[eE]|\.\d{17}|\d{19}")  # exponents, long fractions, beyond int64
 _NUMERIC_STRING = re.compile(r"-?(?:\d+(?:\.\d+)?|\.\d+)")
 
 
@@ -43,11 +43,20 @@ class _Literal(str):
     __slots__ = ()
 
 
-def parse_json(payload: bytes) -> Any:
-    if not payload.strip():
+class _NeedLiterals(Exception):
+    """A value's type depends on its literal: parse the payload again keeping the literals."""
+
+
+def _long_fraction(payload: bytes) -> bool:
+    """More than 16 digits after a '.': ThingsBoard keeps such a number as a string."""
+    return b"." in payload and any(part[:17].isdigit() for part in payload.split(b".")[1:])
+
+
+def parse_json(payload: bytes, *, literals: bool = False) -> Any:
+    if not payload or payload.isspace():
         raise PayloadError("empty payload: expected JSON")
     try:
-        if _NEEDS_LITERALS.search(payload) is None:
+        if not literals and not _long_fraction(payload):
             return orjson.loads(payload)
         return json.loads(payload, parse_float=_Literal, parse_int=_Literal, parse_constant=_reject_constant)
     except (orjson.JSONDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -60,17 +69,23 @@ def _reject_constant(name: str) -> Any:
 
 def telemetry(payload: bytes, now_ms: int, rules: ValueRules) -> list[tuple[int, dict[str, Any]]]:
     """Telemetry payload -> ``[(ts, values), ...]`` in payload order; empty groups are dropped."""
-    document = parse_json(payload)
-    if isinstance(document, dict):
+    try:
+        return _telemetry(parse_json(payload), now_ms, rules)
+    except _NeedLiterals:
+        return _telemetry(parse_json(payload, literals=True), now_ms, rules)
+
+
+def _telemetry(document: Any, now_ms: int, rules: ValueRules) -> list[tuple[int, dict[str, Any]]]:
+    if type(document) is dict:
         items, where = [document], "telemetry"
-    elif isinstance(document, list):
+    elif type(document) is list:
         items, where = document, "telemetry[{}]"
     else:
         raise PayloadError(f"telemetry: expected a JSON object or array, got {_kind(document)}")
     groups: list[tuple[int, dict[str, Any]]] = []
     for index, item in enumerate(items):
-        place = where.format(index)
-        if not isinstance(item, dict):
+        place = where.format(index) if items is document else where
+        if type(item) is not dict:
             raise PayloadError(f"{place}: expected a JSON object, got {_kind(item)}")
         if "ts" in item and "values" in item:
             ts = _timestamp(item["ts"], f"{place}.ts")
@@ -86,7 +101,13 @@ def telemetry(payload: bytes, now_ms: int, rules: ValueRules) -> list[tuple[int,
 
 
 def attributes(payload: bytes, rules: ValueRules) -> dict[str, Any]:
-    document = parse_json(payload)
+    try:
+        return _attributes(parse_json(payload), rules)
+    except _NeedLiterals:
+        return _attributes(parse_json(payload, literals=True), rules)
+
+
+def _attributes(document: Any, rules: ValueRules) -> dict[str, Any]:
     if not isinstance(document, dict):
         raise PayloadError(f"attributes: expected a JSON object, got {_kind(document)}")
     return typed_values(document, "attributes", rules)
@@ -95,15 +116,25 @@ def attributes(payload: bytes, rules: ValueRules) -> dict[str, Any]:
 def typed_values(raw: dict[str, Any], where: str, rules: ValueRules) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for key, value in raw.items():
-        if value is None:
-            continue
         if len(key) > MAX_KEY_LENGTH:
             raise PayloadError(f"{where}: key {key[:32]!r}... is longer than {MAX_KEY_LENGTH} characters")
-        values[key] = _typed(value, f"{where}.{key}", rules)
+        kind = type(value)
+        if kind is float:
+            if value.is_integer():  # 42.0 is a double, 1e3 a long: only the literal tells
+                raise _NeedLiterals
+            values[key] = value
+        elif kind is bool:
+            values[key] = value
+        elif value is not None:
+            values[key] = _typed(value, where, key, rules)
     return values
 
 
-def _typed(value: Any, where: str, rules: ValueRules) -> Any:
+def _typed(value: Any, parent: str, key: str, rules: ValueRules) -> Any:
+    """Type one value; the place for an error message (``parent.key``) is only built on error."""
+    if type(value) is int and INT64_MIN <= value <= INT64_MAX:
+        return value
+    where = f"{parent}.{key}"
     if isinstance(value, _Literal):
         return _number(str(value), where, rules, literal=True)
     if value is True or value is False:

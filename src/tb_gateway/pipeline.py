@@ -93,8 +93,11 @@ class Pipeline:
             return Outcome.DELIVERED
         if not self.has_room(len(records)):
             return Outcome.QUEUE_FULL
-        ticket = _Ticket(asyncio.get_running_loop().create_future(), len(records))
-        self._queue.extend((record, ticket) for record in records)
+        ticket = _Ticket(self._loop.create_future(), len(records))
+        if len(records) == 1:
+            self._queue.append((records[0], ticket))
+        else:
+            self._queue.extend([(record, ticket) for record in records])
         self._wakeup.set()
         return ticket.future
 
@@ -103,6 +106,10 @@ class Pipeline:
         self._closing = True
         self._wakeup.set()
         self._room.set()
+
+    @property
+    def _loop(self) -> asyncio.AbstractEventLoop:
+        return asyncio.get_running_loop()
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as deliveries:

@@ -15,12 +15,16 @@ class RecordKind(enum.StrEnum):
     TELEMETRY = "telemetry"
     ATTRIBUTES = "attributes"
     CLAIM = "claim"
+    RPC_REQUEST = "rpc_request"  # client-side RPC: a device asks the backend (downlink/client_rpc.py)
+    RPC_RESPONSE = "rpc_response"  # server-side RPC: the device's reply and every outcome (downlink/rpc.py)
+    DEVICE_STATE = "device_state"  # connect / disconnect / activity / inactivity (downlink/device_state.py)
 
 
 class Transport(enum.StrEnum):
     HTTP = "http"
     MQTT = "mqtt"
     COAP = "coap"
+    GATEWAY = "gateway"  # made by the gateway itself, no transport carried it (an RPC that expired unsent)
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,7 +37,7 @@ class DeviceIdentity:
     token: str = field(default="", repr=False)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen __init__ costs ~1 µs per record on the hot path; never mutate one
 class Record:
     device: DeviceIdentity
     kind: RecordKind

@@ -1,0 +1,353 @@
+"""The CoAP transport: a thin asyncio adapter around the sans-IO ``Endpoint`` plus ThingsBoard's CoAP device
+API routes (spec §4, docs/coap.md). It talks only to ``DeviceApi``.
+
+The adapter reads the clock, moves datagrams between the socket and the endpoint, arms one timer from
+``Endpoint.get_timer()`` and maps requests to ``DeviceApi`` calls. A POST is answered 2.01 only once the
+pipeline's future resolved DELIVERED (DESIGN.md §4): piggybacked in the ACK when that takes less than
+COAP_PIGGYBACK_TIMEOUT_MS, otherwise as a separate response after the endpoint's empty ACK.
+
+Speed: almost every request finds its token in the auth cache, so ``authenticate`` returns without ever
+suspending. Python 3.11 has no eager tasks, so ``_run_eagerly`` steps the handler coroutine inline and only
+hands it to a Task when it really waits (a cache miss); the pipeline future is then followed with a done
+callback, not an awaiting task. That keeps the hot path free of task creation and scheduling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Callable, Coroutine
+from functools import partial
+from typing import Any
+
+import orjson
+
+from tb_gateway.auth import AccessToken
+from tb_gateway.coap.codec import Code, ContentFormat, Option, Options, encode_uint
+from tb_gateway.coap.endpoint import (
+    ANSWERED,
+    Address,
+    Endpoint,
+    EndpointConfig,
+    Event,
+    Exchange,
+    NotificationAcknowledged,
+    NotificationTimedOut,
+    ObservationCancelled,
+    RequestReceived,
+    ResponseTimedOut,
+)
+from tb_gateway.device_api import DeviceApi
+from tb_gateway.errors import AddressBlocked, CredentialsUnavailable, PayloadError
+from tb_gateway.ratelimit import ceil_seconds
+from tb_gateway.records import DeviceIdentity, RecordKind, Transport
+from tb_gateway.sinks.base import Outcome
+
+log = logging.getLogger(__name__)
+
+COAP = Transport.COAP
+MAX_PENDING = 10_000  # requests admitted but not yet answered (auth waits included); beyond it: 5.03
+RECEIVE_BUFFER_BYTES = 4 << 20  # absorbs bursts of small datagrams while the loop is busy with a batch
+_JSON = ((Option.CONTENT_FORMAT, encode_uint(ContentFormat.JSON)),)
+
+# Outcome of a device message -> CoAP response code (device_api's table); overload refusals get Max-Age.
+OUTCOME_CODES = {
+    Outcome.DELIVERED: Code.CREATED,
+    Outcome.QUEUE_FULL: Code.SERVICE_UNAVAILABLE,
+    Outcome.SPOOL_FULL: Code.SERVICE_UNAVAILABLE,
+    Outcome.SHUTTING_DOWN: Code.SERVICE_UNAVAILABLE,
+    Outcome.REJECTED: Code.INTERNAL_SERVER_ERROR,
+    Outcome.SINK_FAILED: Code.INTERNAL_SERVER_ERROR,
+    Outcome.RATE_LIMITED: Code.TOO_MANY_REQUESTS,  # answered with Max-Age in ``post``
+}
+
+Handler = Callable[["CoapServer", Exchange, DeviceIdentity], None]
+
+
+class CoapServer:
+    name = "coap"
+
+    def __init__(
+        self,
+        api: DeviceApi,
+        *,
+        host: str | None = None,
+        port: int | None = None,
+        config: EndpointConfig | None = None,
+        max_pending: int = MAX_PENDING,
+    ) -> None:
+        settings = api.settings
+        self.api = api
+        self.host = settings.coap_bind_address if host is None else host
+        self.port = settings.coap_bind_port if port is None else port
+        self.endpoint = Endpoint(
+            config
+            or EndpointConfig(
+                piggyback_timeout_s=settings.coap_piggyback_timeout_ms / 1000,
+                max_body_bytes=settings.max_payload_size,
+            )
+        )
+        self._max_payload = self.endpoint.config.max_body_bytes
+        self._max_pending = max_pending
+        self._retry_after = ((Option.MAX_AGE, encode_uint(settings.retry_after_seconds)),)
+        self._too_large = ((Option.SIZE1, encode_uint(self._max_payload)),)
+        self._latency = api.metrics.ack_latency.labels(transport=COAP.value)
+        self._transport: asyncio.DatagramTransport | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._flush_scheduled = False
+        self._pending = 0
+        self._idle: asyncio.Event | None = None  # set by ``drain``: wakes it when the last answer is out
+        self._accepting = True
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._dispatch: dict[type, Callable[[Any], None]] = {
+            RequestReceived: self._on_request,
+            ObservationCancelled: self._ignore,  # registrations arrive with the downlink (attributes, RPC)
+            NotificationAcknowledged: self._ignore,
+            NotificationTimedOut: self._ignore,
+            ResponseTimedOut: self._ignore,
+        }
+
+    # ------------------------------------------------------------------ Server protocol
+
+    async def start(self) -> None:
+        loop = self._loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: _Protocol(self), local_addr=(self.host, self.port), reuse_port=self.api.settings.workers > 1
+        )
+        self._transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):  # capped by the kernel; the default still works
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER_BYTES)
+        self.port = transport.get_extra_info("sockname")[1]
+        log.info("CoAP listening on %s:%d/udp", self.host, self.port)
+
+    def stop_accepting(self) -> None:
+        """UDP has no listening socket to close: new requests are refused with 5.03, admitted ones answered."""
+        self._accepting = False
+
+    async def drain(self) -> None:
+        """Wait until every admitted request is answered, then close the socket (also when cancelled by the
+        composition root's timeout)."""
+        self._accepting = False
+        try:
+            if self._pending > 0:
+                self._idle = asyncio.Event()
+                await self._idle.wait()
+        finally:
+            self._flush()
+            for task in list(self._tasks):
+                task.cancel()
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            if self._transport is not None:
+                self._transport.close()
+                self._transport = None
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    # ------------------------------------------------------------------ socket -> endpoint -> socket
+
+    def datagram_received(self, data: bytes, addr: Address) -> None:
+        assert self._loop is not None
+        dispatch = self._dispatch
+        for event in self.endpoint.receive_datagram(data, addr, self._loop.time()):
+            dispatch[type(event)](event)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Send what the endpoint queued and re-arm the timer: once per loop iteration, however many
+        datagrams were read and answers resolved in it."""
+        self._flush_scheduled = False
+        transport, loop = self._transport, self._loop
+        if transport is None or loop is None:
+            return
+        endpoint = self.endpoint
+        for data, addr in endpoint.datagrams_to_send(0.0):
+            transport.sendto(data, addr)
+        when = endpoint.get_timer()
+        if when is None or (self._timer is not None and self._timer_at <= when):
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = loop.call_at(when, self._on_timer)
+        self._timer_at = when
+
+    def _on_timer(self) -> None:
+        assert self._loop is not None
+        self._timer = None
+        dispatch = self._dispatch
+        for event in self.endpoint.handle_timer(self._loop.time()):
+            dispatch[type(event)](event)
+        self._flush()
+
+    def _ignore(self, event: Event) -> None:
+        pass
+
+    # ------------------------------------------------------------------ ThingsBoard routes
+
+    def _on_request(self, event: RequestReceived) -> None:
+        exchange = event.exchange
+        self._pending += 1
+        if not self._accepting or self._pending > self._max_pending:
+            self.api.refused(None, COAP, "overloaded" if self._accepting else "shutting_down")
+            self._answer(exchange, Code.SERVICE_UNAVAILABLE, options=self._retry_after)
+            return
+        path = exchange.path
+        if len(path) < 2 or path[0] != "api" or path[1] != "v1":
+            self._answer(exchange, Code.NOT_FOUND)
+            return
+        methods = ROUTES.get(path[3]) if len(path) == 4 else None
+        if methods is None:
+            self._answer(exchange, Code.BAD_REQUEST, b"unknown path")
+            return
+        handler = methods.get(exchange.code)
+        if handler is None:  # ThingsBoard: a GET on a POST-only feature is 4.00, other methods 4.05
+            self._answer(exchange, Code.BAD_REQUEST if exchange.code == Code.GET else Code.METHOD_NOT_ALLOWED)
+            return
+        if len(exchange.payload) > self._max_payload:
+            self.api.refused(None, COAP, "too_large")
+            self._answer(exchange, Code.REQUEST_ENTITY_TOO_LARGE, options=self._too_large)
+            return
+        self._run_eagerly(self._serve(exchange, path[2], handler))
+
+    async def _serve(self, exchange: Exchange, token: str, handler: Handler) -> None:
+        try:
+            device = await self.api.authenticate(AccessToken(token), COAP, exchange.addr[0])
+        except AddressBlocked as exc:  # brute-force protection: "too many", with how long (docs/scale-out.md)
+            self.api.refused(None, COAP, "address_blocked")
+            self._answer(exchange, Code.TOO_MANY_REQUESTS, options=_max_age(exc.retry_after_s))
+            return
+        except CredentialsUnavailable:
+            self.api.refused(None, COAP, "credentials_unavailable")
+            self._answer(exchange, Code.SERVICE_UNAVAILABLE, options=self._retry_after)
+            return
+        except Exception:
+            log.exception("CoAP request failed while authenticating")
+            self.api.metrics.errors.labels(component="coap").inc()
+            self._answer(exchange, Code.INTERNAL_SERVER_ERROR)
+            return
+        if device is None:
+            self._answer(exchange, Code.UNAUTHORIZED)
+            return
+        try:
+            handler(self, exchange, device)
+        except Exception:
+            log.exception("CoAP request handler failed")
+            self.api.metrics.errors.labels(component="coap").inc()
+            if exchange.state != ANSWERED:
+                self._answer(exchange, Code.INTERNAL_SERVER_ERROR)
+
+    def _run_eagerly(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Step the coroutine inline; only if it suspends does it continue in a Task."""
+        try:
+            awaited = coro.send(None)
+        except StopIteration:
+            return
+        task = asyncio.get_running_loop().create_task(_resume(coro, awaited))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def post(self, exchange: Exchange, device: DeviceIdentity, kind: RecordKind) -> None:
+        try:
+            admitted = self.api.post(device, kind, exchange.payload, COAP)
+        except PayloadError as exc:
+            self._answer(exchange, Code.BAD_REQUEST, str(exc).encode()[:256])
+            return
+        if admitted is Outcome.RATE_LIMITED:  # RFC 8516 4.29, Max-Age = when the device may send again
+            self._answer(exchange, Code.TOO_MANY_REQUESTS, options=_max_age(self.api.rate_limit_wait_s(device)))
+        elif isinstance(admitted, Outcome):
+            self._outcome(exchange, admitted)
+        else:
+            admitted.add_done_callback(partial(self._delivered, exchange, device))
+
+    def _delivered(self, exchange: Exchange, device: DeviceIdentity, future: asyncio.Future[Outcome]) -> None:
+        outcome = Outcome.SHUTTING_DOWN if future.cancelled() else future.result()
+        self.api.settle(device, COAP, outcome)
+        self._outcome(exchange, outcome)
+
+    def _outcome(self, exchange: Exchange, outcome: Outcome) -> None:
+        code = OUTCOME_CODES[outcome]
+        if code == Code.CREATED:
+            assert self._loop is not None
+            self._latency.observe(self._loop.time() - exchange.received_at)
+            self._answer(exchange, code)
+        elif code == Code.SERVICE_UNAVAILABLE:
+            self._answer(exchange, code, options=self._retry_after)
+        else:
+            self._answer(exchange, code)
+
+    def get_attributes(self, exchange: Exchange, device: DeviceIdentity) -> None:
+        """``?clientKeys=a,b&sharedKeys=x`` -> 2.05 ``{"client":{..},"shared":{..}}``, 4.04 when nothing found."""
+        keys: dict[str, list[str] | None] = {"clientKeys": None, "sharedKeys": None}
+        for item in exchange.query:
+            name, _, value = item.partition("=")
+            if name in keys:
+                keys[name] = [key.strip() for key in value.split(",") if key.strip()]
+        found = self.api.attribute_request(device, keys["clientKeys"], keys["sharedKeys"])
+        if not found:
+            self._answer(exchange, Code.NOT_FOUND)
+        else:
+            self._answer(exchange, Code.CONTENT, orjson.dumps(found), _JSON)
+
+    def _answer(self, exchange: Exchange, code: int, payload: bytes = b"", options: Options = ()) -> None:
+        assert self._loop is not None
+        self._pending -= 1
+        if self._pending == 0 and self._idle is not None:
+            self._idle.set()
+        self.endpoint.respond(exchange, self._loop.time(), code, payload, options)
+        if not self._flush_scheduled:  # answers resolved together (one sink batch) leave in one flush
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+
+def _max_age(wait_s: float) -> Options:
+    return ((Option.MAX_AGE, encode_uint(ceil_seconds(wait_s))),)
+
+
+def _post(kind: RecordKind) -> Handler:
+    return lambda server, exchange, device: server.post(exchange, device, kind)
+
+
+# feature -> method -> handler (spec §4). Observe registrations (attributes, rpc) come with the downlink.
+ROUTES: dict[str, dict[int, Handler]] = {
+    "telemetry": {Code.POST: _post(RecordKind.TELEMETRY)},
+    "attributes": {Code.POST: _post(RecordKind.ATTRIBUTES), Code.GET: CoapServer.get_attributes},
+    "claim": {Code.POST: _post(RecordKind.CLAIM)},
+}
+
+
+async def _resume(coro: Coroutine[Any, Any, None], awaited: Any) -> None:
+    """Carry on a coroutine that ``_run_eagerly`` started, doing what a Task does with what it awaits."""
+    try:
+        while True:
+            if awaited is None:
+                await asyncio.sleep(0)
+            else:
+                awaited._asyncio_future_blocking = False
+                await asyncio.wait((awaited,))
+            try:
+                awaited = coro.send(None)
+            except StopIteration:
+                return
+    except BaseException:
+        coro.close()
+        raise
+
+
+class _Protocol(asyncio.DatagramProtocol):
+    def __init__(self, server: CoapServer) -> None:
+        self.datagram_received = server.datagram_received  # type: ignore[method-assign]
+
+    def error_received(self, exc: Exception) -> None:
+        """ICMP errors (a client's port closed) are per peer: log and keep reading — never stop serving."""
+        log.debug("CoAP socket error: %s", exc)
