@@ -7,18 +7,27 @@ shared cache or X.509 fingerprints plug in as further sources without touching a
 Hits are cached for ``ttl_s`` (ThingsBoard's gateway promise: 1 hour), misses for ``negative_ttl_s`` (short,
 so a device registered a moment ago gets in quickly while a token-guessing client still costs nothing).
 Concurrent lookups of one credential share a single source query.
+
+Two optional layers (docs/scale-out.md): a ``SharedCache`` asked before the sources and told their answers,
+so instances share hits and misses (``redis_cache.py``); and a ``Blocklist`` that refuses an address after
+repeated wrong credentials (``blocklist.py``) — active only when the transport passes the peer's ``address``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from tb_gateway.blocklist import Blocklist
+from tb_gateway.errors import AddressBlocked
 from tb_gateway.metrics import Metrics
 from tb_gateway.records import DeviceIdentity
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +58,17 @@ class CredentialSource(Protocol):
     async def lookup(self, credentials: Credentials) -> DeviceIdentity | None: ...
 
 
+class SharedCache(Protocol):
+    """A cache shared by instances: ``get`` -> ``(known, identity or None, source name)``; errors are its own
+    business (it answers ``(False, None, None)`` and does nothing while its backend is down)."""
+
+    async def get(self, credentials: Credentials) -> tuple[bool, DeviceIdentity | None, str | None]: ...
+
+    async def put(
+        self, credentials: Credentials, identity: DeviceIdentity | None, source: str | None, ttl_s: float
+    ) -> None: ...
+
+
 @dataclass(slots=True)
 class _Entry:
     identity: DeviceIdentity | None
@@ -66,6 +86,8 @@ class AuthService:
         negative_ttl_s: float,
         max_entries: int = 1_000_000,
         clock: Callable[[], float] = time.monotonic,
+        shared: SharedCache | None = None,
+        blocklist: Blocklist | None = None,
     ) -> None:
         self._sources = list(sources)
         self._metrics = metrics
@@ -75,29 +97,72 @@ class AuthService:
         self._clock = clock
         self._cache: dict[Credentials, _Entry] = {}
         self._pending: dict[Credentials, asyncio.Future[DeviceIdentity | None]] = {}
+        self._shared = shared
+        self._blocklist = blocklist
 
-    async def authenticate(self, credentials: Credentials, transport: str) -> DeviceIdentity | None:
-        entry = self._cache.get(credentials)
-        if entry is not None and entry.expires_at > self._clock():
-            identity = entry.identity
-        else:
-            identity = await self._resolve(credentials)
-        if identity is None:
-            self._metrics.auth_failures.labels(transport=transport).inc()
+    async def authenticate(
+        self,
+        credentials: Credentials,
+        transport: str,
+        address: str | None = None,
+        fallback: Credentials | None = None,
+    ) -> DeviceIdentity | None:
+        """The identity for ``credentials`` (else for ``fallback``, as one attempt), or ``None``.
+
+        With the peer's ``address``, a blocked address raises ``AddressBlocked`` before any lookup, and the
+        answer counts for or against the address.
+        """
+        self._check_address(address, transport)
+        identity = await self._lookup(credentials)
+        if identity is None and fallback is not None:
+            identity = await self._lookup(fallback)
+        self._count(identity, transport, address)
         return identity
 
-    def cached(self, credentials: Credentials, transport: str) -> tuple[bool, DeviceIdentity | None]:
+    def cached(
+        self, credentials: Credentials, transport: str, address: str | None = None
+    ) -> tuple[bool, DeviceIdentity | None]:
         """``authenticate`` from the cache alone, without awaiting: ``(False, None)`` when not cached.
 
         The hot path of per-request transports (HTTP, CoAP): a cached refusal is counted as ``authenticate``
         would count it; on ``(False, None)`` the caller awaits ``authenticate``.
         """
+        self._check_address(address, transport)
         entry = self._cache.get(credentials)
         if entry is None or entry.expires_at <= self._clock():
             return False, None
-        if entry.identity is None:
-            self._metrics.auth_failures.labels(transport=transport).inc()
+        self._count(entry.identity, transport, address)
         return True, entry.identity
+
+    async def _lookup(self, credentials: Credentials) -> DeviceIdentity | None:
+        entry = self._cache.get(credentials)
+        if entry is not None and entry.expires_at > self._clock():
+            return entry.identity
+        return await self._resolve(credentials)
+
+    def _check_address(self, address: str | None, transport: str) -> None:
+        if address is None or self._blocklist is None:
+            return
+        wait = self._blocklist.blocked_for(address, self._clock())
+        if wait > 0:
+            self._metrics.auth_blocked.labels(transport=transport).inc()
+            raise AddressBlocked(address, wait)
+
+    def _count(self, identity: DeviceIdentity | None, transport: str, address: str | None) -> None:
+        if identity is None:
+            self._metrics.auth_failures.labels(transport=transport).inc()
+        blocklist = self._blocklist
+        if address is None or blocklist is None:
+            return
+        if identity is not None:
+            blocklist.succeeded(address)
+        elif blocklist.failed(address, self._clock()):
+            log.warning(
+                "address %s blocked for %.0f s after %d wrong credentials",
+                address,
+                blocklist.block_s,
+                blocklist.max_failures,
+            )
 
     async def _resolve(self, credentials: Credentials) -> DeviceIdentity | None:
         pending = self._pending.get(credentials)
@@ -118,11 +183,20 @@ class AuthService:
         return identity
 
     async def _ask_sources(self, credentials: Credentials) -> tuple[DeviceIdentity | None, str | None]:
+        shared = self._shared
+        if shared is not None:
+            known, identity, name = await shared.get(credentials)
+            if known:
+                return identity, name
+        identity, name = None, None
         for source in self._sources:
             identity = await source.lookup(credentials)
             if identity is not None:
-                return identity, source.name
-        return None, None
+                name = source.name
+                break
+        if shared is not None:
+            await shared.put(credentials, identity, name, self._ttl_s if identity is not None else self._negative_ttl_s)
+        return identity, name
 
     def _remember(self, credentials: Credentials, identity: DeviceIdentity | None, source: str | None) -> None:
         if len(self._cache) >= self._max_entries:

@@ -10,7 +10,11 @@ DELIVERED              200                 2.01              PUBACK 0x00      PU
 PayloadError           400 + JSON error    4.00              PUBACK 0x99      close
 QUEUE_FULL/SPOOL_FULL  503 + Retry-After   5.03 + Max-Age    PUBACK 0x97      close
 REJECTED               500 ... see docs    5.00              PUBACK 0x80      close
+RATE_LIMITED           429 + Retry-After   4.29 + Max-Age    PUBACK 0x96      close
 =====================  ==================  ================  ===============  ==================
+
+Per-device rate limits (``ratelimit.py``) are checked after parsing (telemetry data points are counted) and
+before admission: a refused message takes no queue slot. ``rate_limit_wait_s`` gives Retry-After / Max-Age.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -31,12 +35,17 @@ from tb_gateway.logs import Throttle
 from tb_gateway.metrics import Metrics
 from tb_gateway.normalize import ValueRules, attributes, parse_json, telemetry
 from tb_gateway.pipeline import Pipeline
+from tb_gateway.ratelimit import configured, format_limit
 from tb_gateway.records import DeviceIdentity, Record, RecordKind, Transport
 from tb_gateway.sinks.base import Outcome
+
+if TYPE_CHECKING:
+    from tb_gateway.downlink.hub import Downlink
 
 log = logging.getLogger(__name__)
 
 Groups = list[tuple[int, dict[str, Any]]]
+_SESSION_LIMIT_KEYS = ("messages", "telemetryMessages", "telemetryDataPoints")  # getSessionLimits, in LIMIT_NAMES order
 
 
 def _now_ms() -> int:
@@ -52,6 +61,7 @@ class DeviceApi:
         attribute_store: AttributeStore,
         metrics: Metrics,
         clock_ms: Callable[[], int] = _now_ms,
+        clock_s: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
         self.auth = auth
@@ -59,6 +69,11 @@ class DeviceApi:
         self.attributes = attribute_store
         self.metrics = metrics
         self._clock_ms = clock_ms
+        self.downlink: Downlink | None = None  # set by app.py; RPC, shared attributes, device state
+        self._clock_s = clock_s
+        self.limiter = configured(settings)
+        limits = self.limiter.limits if self.limiter is not None else ((), (), ())
+        self._limit_specs = [format_limit(limit) for limit in limits]
         self._rules = ValueRules(settings.json_type_cast_enabled, settings.json_max_string_value_length)
         self._received = {t: metrics.messages_received.labels(transport=t.value) for t in Transport}
         self._refusal_log = Throttle(log, period_s=60.0)
@@ -68,15 +83,22 @@ class DeviceApi:
             RecordKind.CLAIM: lambda payload, now: [(now, claim(payload))],
         }
 
-    async def authenticate(self, credentials: Credentials, transport: Transport) -> DeviceIdentity | None:
-        return await self.auth.authenticate(credentials, transport.value)
+    async def authenticate(
+        self,
+        credentials: Credentials,
+        transport: Transport,
+        address: str | None = None,
+        fallback: Credentials | None = None,
+    ) -> DeviceIdentity | None:
+        """Pass the peer's ``address`` for brute-force protection: a blocked one raises ``AddressBlocked``."""
+        return await self.auth.authenticate(credentials, transport.value, address, fallback)
 
     def authenticate_cached(
-        self, credentials: Credentials, transport: Transport
+        self, credentials: Credentials, transport: Transport, address: str | None = None
     ) -> tuple[bool, DeviceIdentity | None]:
         """``(True, identity or None)`` when the cache knows the answer, else ``(False, None)``: then await
         ``authenticate``. Lets a per-request transport answer without a task switch on the hot path."""
-        return self.auth.cached(credentials, transport.value)
+        return self.auth.cached(credentials, transport.value, address)
 
     def post(
         self, device: DeviceIdentity, kind: RecordKind, payload: bytes, transport: Transport
@@ -88,6 +110,8 @@ class DeviceApi:
         resolves once every record is durable.
         """
         self._received[transport].inc()
+        if self.downlink is not None:
+            self.downlink.activity(device, transport)
         now = self._clock_ms()
         try:
             groups = self._parsers[kind](payload, now)
@@ -95,6 +119,8 @@ class DeviceApi:
             self.refused(device, transport, "bad_payload", str(exc))
             raise
         records = [Record(device, kind, ts, values, transport, now) for ts, values in groups if values]
+        if self.limiter is not None and self._over_limit(device, kind, records, transport):
+            return Outcome.RATE_LIMITED
         admitted = self.pipeline.submit(records)
         if isinstance(admitted, Outcome):
             if not admitted.delivered:
@@ -103,6 +129,22 @@ class DeviceApi:
         if kind is RecordKind.ATTRIBUTES:
             admitted.add_done_callback(lambda done: self._attributes_delivered(done, records))
         return admitted
+
+    def _over_limit(
+        self, device: DeviceIdentity, kind: RecordKind, records: list[Record], transport: Transport
+    ) -> bool:
+        assert self.limiter is not None
+        points = sum(len(record.values) for record in records) if kind is RecordKind.TELEMETRY else None
+        exceeded = self.limiter.try_acquire(device.id, self._clock_s(), points)
+        if exceeded is None:
+            return False
+        self.metrics.rate_limited.labels(transport=transport.value, limit=exceeded.limit).inc()
+        self.refused(device, transport, Outcome.RATE_LIMITED.value, f"{exceeded.limit} limit {exceeded.spec}")
+        return True
+
+    def rate_limit_wait_s(self, device: DeviceIdentity) -> float:
+        """Seconds until ``device`` may send again (0 when it may now): Retry-After / Max-Age of a 429 / 4.29."""
+        return self.limiter.wait_s(device.id, self._clock_s()) if self.limiter is not None else 0.0
 
     def _attributes_delivered(self, done: asyncio.Future[Outcome], records: list[Record]) -> None:
         if not done.cancelled() and done.result().delivered:
@@ -137,7 +179,7 @@ class DeviceApi:
         return {
             "maxPayloadSize": self.settings.max_payload_size,
             "maxInflightMessages": self.settings.mqtt_max_inflight,
-            "rateLimits": {"messages": None, "telemetryMessages": None, "telemetryDataPoints": None},
+            "rateLimits": dict(zip(_SESSION_LIMIT_KEYS, self._limit_specs, strict=True)),
         }
 
 

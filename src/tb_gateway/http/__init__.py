@@ -1,0 +1,1 @@
+"""HTTP device API (ThingsBoard ``/api/v1/{token}/...``) on httptools; see server.py."""
