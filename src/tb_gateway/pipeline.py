@@ -66,6 +66,7 @@ class Pipeline:
         self._slots = asyncio.Semaphore(sink.max_in_flight)
         self._in_flight = 0
         self._closing = False
+        self._event_loop: asyncio.AbstractEventLoop | None = None
         metrics.queue_depth.set_function(lambda: len(self._queue))
 
     @property
@@ -89,12 +90,16 @@ class Pipeline:
         """Admit one device message; an ``Outcome`` means refused (or empty) at once, a future means queued."""
         if self._closing:
             return Outcome.SHUTTING_DOWN
-        if not records:
+        count = len(records)
+        if not count:
             return Outcome.DELIVERED
-        if not self.has_room(len(records)):
+        if len(self._queue) + count > self._max_queue:
             return Outcome.QUEUE_FULL
-        ticket = _Ticket(self._loop.create_future(), len(records))
-        if len(records) == 1:
+        loop = self._event_loop
+        if loop is None:  # bound on first use: the pipeline may be built before the loop runs
+            loop = self._event_loop = asyncio.get_running_loop()
+        ticket = _Ticket(loop.create_future(), count)
+        if count == 1:
             self._queue.append((records[0], ticket))
         else:
             self._queue.extend([(record, ticket) for record in records])
@@ -106,10 +111,6 @@ class Pipeline:
         self._closing = True
         self._wakeup.set()
         self._room.set()
-
-    @property
-    def _loop(self) -> asyncio.AbstractEventLoop:
-        return asyncio.get_running_loop()
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as deliveries:
