@@ -7,6 +7,7 @@ import pytest
 
 from tests.gateway_process import GatewayProcess
 from tests.harness.kafka_fixtures import kafka, kafka_session  # noqa: F401  (real broker, one per session)
+from tests.harness.redis import redis_server, redis_session  # noqa: F401  (real redis-server, one per session)
 
 GatewayFactory = Callable[..., GatewayProcess]
 

@@ -74,7 +74,8 @@ def test_http_messages_reach_kafka_in_the_documented_format(
     assert sink["spool"]["records"] == 0 and sink["primary"]["bootstrap_servers"] == kafka.bootstrap
 
     got = {kind: read_topic(kafka.bootstrap, f"{prefix}.{kind}") for kind in ("telemetry", "attributes")}
-    got["claim"] = read_topic(kafka.bootstrap, f"{prefix}.device-events")
+    events = read_topic(kafka.bootstrap, f"{prefix}.device-events")  # claims, and device state (docs/downlink.md)
+    got["claim"] = [m for m in events if dict(m["headers"])["tb-kind"] == b"claim"]
     values = {k: [kafka_records.check(m["key"], m["value"], m["headers"]) for m in v] for k, v in got.items()}
     assert [(v["ts"], v["values"]) for v in values["telemetry"]] == [
         (1767225600000, {"t": 71.5}),
@@ -175,6 +176,7 @@ def test_spool_full_answers_503_with_retry_after(gateway_factory: GatewayFactory
     accepted = statuses.count(200)
     assert 25 <= accepted <= 36 and statuses == [200] * accepted + [503] * (60 - accepted)
     sink = health(gateway)["components"]["sink"]
-    assert sink["spool"]["records"] == accepted and sink["spool"]["refusing"] is True
+    spooled = accepted + 1  # and the device's "activity" state record (docs/downlink.md)
+    assert sink["spool"]["records"] == spooled and sink["spool"]["refusing"] is True
     metrics = httpx.get(f"http://127.0.0.1:{gateway.metrics_port}/metrics", timeout=5).text
     assert f'tb_gateway_records_failed_total{{outcome="spool_full"}} {60 - accepted}.0' in metrics
