@@ -1,7 +1,7 @@
 """HTTP: keep-alive POST telemetry against nginx (DESIGN.md §7; target >= 0.5x nginx).
 
 nginx-light (one worker, ``location / { return 200; }``) and the real ``tb-gateway run`` process (embedded
-store sink, so every 200 follows an fsynced SQLite commit; Kafka, MQTT and CoAP off) are each pinned to core
+store sink, so every 200 follows an fdatasynced append to its log; Kafka, MQTT and CoAP off) are each pinned to core
 0; wrk, pinned to core 1, keeps N connections busy with a 60-byte JSON POST and reports through a Lua
 ``done()`` hook. Runs alternate nginx / gateway so both see the same machine; the best run of each counts.
 The gateway's own ``messages_sent_total`` must cover every 2xx wrk counted (nothing was acknowledged early).

@@ -1,7 +1,7 @@
 """MQTT: QoS 1 throughput and latency against mosquitto, and resident memory per idle connection.
 
 Scenarios (DESIGN.md §7): 50 connections x 100 in flight and 500 connections x 1 in flight, 60-byte JSON,
-PUBACK only after the sink confirmed (the embedded store: fsynced SQLite); 10,000 idle connections.
+PUBACK only after the sink confirmed (the embedded store: an fdatasynced log); 10,000 idle connections.
 """
 
 from __future__ import annotations

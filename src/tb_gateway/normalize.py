@@ -121,7 +121,7 @@ def typed_values(raw: dict[str, Any], where: str, rules: ValueRules) -> dict[str
             if value.is_integer():  # 42.0 is a double, 1e3 a long: only the literal tells
                 raise _NeedLiterals
             values[key] = value
-        elif kind is int and INT64_MIN <= value <= INT64_MAX or kind is bool:
+        elif (kind is int and INT64_MIN <= value <= INT64_MAX) or kind is bool:
             values[key] = value
         elif value is not None:
             values[key] = _typed(value, where, key, rules)

@@ -1,0 +1,325 @@
+"""The embedded store's segment log: torn tails, roll-over, readers beside writers, crashes at any point."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from tb_gateway.sinks import segments
+from tb_gateway.sinks.segments import HEADER, SegmentWriter, read_log
+
+
+def payloads(batch: int, sizes: list[int]) -> list[bytes]:
+    return [orjson.dumps({"b": batch, "i": i, "pad": "x" * size}) for i, size in enumerate(sizes)]
+
+
+def written(directory: Path, batches: list[list[bytes]], segment_bytes: int = 1 << 20) -> SegmentWriter:
+    writer = SegmentWriter(directory, segment_bytes)
+    writer.open()
+    for batch in batches:
+        writer.append(batch)
+    return writer
+
+
+def entries(directory: Path, after_seq: int = 0) -> list[bytes]:
+    got = list(read_log(directory, after_seq))
+    assert [seq for seq, _ in got] == list(range(after_seq + 1, after_seq + 1 + len(got)))  # consecutive
+    return [payload for _, payload in got]
+
+
+def only_segment(directory: Path) -> Path:
+    [segment] = sorted(directory.glob("*.log"))
+    return segment
+
+
+def test_a_new_log_is_one_preallocated_segment_and_reads_back_in_order(tmp_path: Path) -> None:
+    first, second = payloads(0, [1, 2, 3]), payloads(1, [40])
+    writer = written(tmp_path, [first, second], segment_bytes=8192)
+    assert writer.append(payloads(2, [5])) == 5  # the first seq of the batch
+    writer.close()
+    segment = only_segment(tmp_path)
+    assert segment.name == "00000000000000000001.log" and segment.stat().st_size == 8192
+    assert entries(tmp_path) == first + second + payloads(2, [5])
+    assert entries(tmp_path, after_seq=3) == second + payloads(2, [5])
+    assert entries(tmp_path, after_seq=5) == []
+    assert list(read_log(tmp_path / "absent")) == []
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["truncate-inside-last-entry", "garble-last-payload", "garble-last-header", "zero-last-crc", "cut-file-at-tail"],
+)
+def test_a_torn_last_entry_is_cut_off_and_the_log_goes_on(tmp_path: Path, damage: str) -> None:
+    kept, torn = payloads(0, [10, 20]), payloads(1, [30])
+    written(tmp_path, [kept, torn]).close()
+    segment = only_segment(tmp_path)
+    last = sum(HEADER.size + len(p) for p in kept)  # offset of the torn entry
+    with segment.open("r+b") as f:
+        if damage == "truncate-inside-last-entry":
+            f.truncate(last + HEADER.size + 5)
+        elif damage == "garble-last-payload":
+            f.seek(last + HEADER.size + 7)
+            f.write(b"#")
+        elif damage == "garble-last-header":
+            f.seek(last + 8)
+            f.write(b"\xff")  # its seq
+        elif damage == "zero-last-crc":
+            f.seek(last + 4)
+            f.write(bytes(4))
+        else:
+            f.truncate(last + 3)  # not even a header fits
+    assert entries(tmp_path) == kept  # a reader stops cleanly at the tear
+    writer = written(tmp_path, [payloads(2, [1, 2])])
+    assert writer.append(payloads(3, [3])) == 5
+    writer.close()
+    assert entries(tmp_path) == kept + payloads(2, [1, 2]) + payloads(3, [3])
+    assert only_segment(tmp_path).stat().st_size == 1 << 20  # a truncated segment got its room back
+
+
+def test_a_stale_entry_behind_an_overwritten_tear_is_never_read(tmp_path: Path) -> None:
+    """Power loss can write an unsynced batch's later sectors but not an earlier one; a new entry of the same
+    size over the tear must not make the stale one after it readable (the crc chains entries)."""
+    batch = payloads(0, [10, 10, 10])
+    written(tmp_path, [batch]).close()
+    second = HEADER.size + len(batch[0])
+    with only_segment(tmp_path).open("r+b") as f:
+        f.seek(second + HEADER.size + 3)
+        f.write(b"#")  # entry 2 torn, entry 3 intact on disk
+    assert entries(tmp_path) == batch[:1]
+    again = payloads(9, [10])  # same length and seq as the torn entry 2
+    assert len(again[0]) == len(batch[1])
+    written(tmp_path, [again]).close()
+    assert entries(tmp_path) == batch[:1] + again  # not the stale entry 3
+
+
+def test_bad_files_and_bad_headers_stop_the_reader_without_errors(tmp_path: Path) -> None:
+    written(tmp_path, [payloads(0, [1, 2])]).close()
+    (tmp_path / "notes.txt").write_text("not a segment")
+    (tmp_path / "x.log").write_text("not numbered")
+    assert entries(tmp_path) == payloads(0, [1, 2])
+    segment = tmp_path / segments.segment_name(1)
+    with segment.open("r+b") as f:
+        f.write(HEADER.pack(segments.MAX_PAYLOAD + 1, 0, 1))  # an impossible length on the first entry
+    assert entries(tmp_path) == []
+    segment.write_bytes(b"")  # an empty file
+    assert entries(tmp_path) == []
+
+
+def test_full_segments_roll_over_with_the_directory_synced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced_directories: list[str] = []
+    fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            synced_directories.append(os.readlink(f"/proc/self/fd/{fd}"))
+        fsync(fd)
+
+    monkeypatch.setattr(segments.os, "fsync", recording_fsync)
+    batches = [payloads(b, [30 * (b % 4), 5, 70]) for b in range(40)]
+    writer = written(tmp_path, batches[:-1], segment_bytes=1024)
+    big = payloads(99, [3000])  # one entry larger than a segment gets a segment of its own size
+    writer.append(big + batches[-1])
+    writer.close()
+    names = sorted(p.name for p in tmp_path.glob("*.log"))
+    assert len(names) > 10
+    firsts = [int(n[:20]) for n in names]
+    assert firsts[0] == 1 and firsts == sorted(set(firsts))
+    assert synced_directories.count(str(tmp_path)) == len(names)  # each new file's entry made durable
+    everything = [p for batch in batches[:-1] for p in batch] + big + batches[-1]
+    assert entries(tmp_path) == everything
+    for after in (0, 1, firsts[3] - 1, firsts[3], firsts[-1], len(everything) - 1, len(everything)):
+        assert entries(tmp_path, after_seq=after) == everything[after:]
+    assert max(p.stat().st_size for p in tmp_path.glob("*.log")) > 3000
+    reopened = written(tmp_path, [payloads(100, [1])], segment_bytes=1024)
+    reopened.close()
+    assert entries(tmp_path) == everything + payloads(100, [1])
+
+
+def test_a_reader_beside_a_writer_sees_a_growing_consistent_prefix(tmp_path: Path) -> None:
+    batches = [payloads(b, [b % 50, 3 * (b % 7)]) for b in range(300)]
+    expected = [p for batch in batches for p in batch]
+    done = threading.Event()
+
+    def write() -> None:
+        written(tmp_path, batches, segment_bytes=2048).close()
+        done.set()
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    seen: list[bytes] = []
+    reads = 0
+    while True:
+        finished = done.is_set()
+        seen += entries(tmp_path, after_seq=len(seen))
+        assert seen == expected[: len(seen)]
+        reads += 1
+        if finished:
+            break
+    writer.join()
+    assert seen == expected and reads > 1
+
+
+def test_a_follower_resumes_where_its_last_scan_ended(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    writer = written(tmp_path, [payloads(0, [100] * 50)])
+    assert len(entries(tmp_path)) == 50
+    offsets: list[int] = []
+    pread = os.pread
+    monkeypatch.setattr(segments.os, "pread", lambda fd, n, at: offsets.append(at) or pread(fd, n, at))
+    writer.append(payloads(1, [1, 2]))
+    assert entries(tmp_path, after_seq=50) == payloads(1, [1, 2])
+    assert min(offsets) > 50 * 100  # not from the segment's start again
+    offsets.clear()
+    assert entries(tmp_path, after_seq=10) == payloads(0, [100] * 50)[10:] + payloads(1, [1, 2])
+    assert min(offsets) == 0  # an earlier position: scanned from the start
+    writer.close()
+
+
+def test_two_writers_share_one_log(tmp_path: Path) -> None:
+    """WORKERS=N: every worker appends to the one log; the lock orders them and nothing is lost."""
+    per_writer = {w: [payloads(100 * w + b, [w, b % 9]) for b in range(60)] for w in (1, 2)}
+    threads = [threading.Thread(target=lambda w=w: written(tmp_path, per_writer[w], 1024).close()) for w in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    got = [orjson.loads(p) for p in entries(tmp_path)]
+    assert len(got) == 240
+    for w in (1, 2):  # each writer's batches in its own order, each batch contiguous
+        mine = [(r["b"], r["i"]) for r in got if r["b"] // 100 == w]
+        assert mine == [(100 * w + b, i) for b in range(60) for i in range(2)]
+    assert all(got[k]["b"] == got[k + 1]["b"] for k in range(0, 240, 2))
+
+
+def test_writers_taking_turns_follow_each_others_appends_and_roll_overs(tmp_path: Path) -> None:
+    one, two = SegmentWriter(tmp_path, 1024), SegmentWriter(tmp_path, 1024)
+    one.open()
+    two.open()
+    expected: list[bytes] = []
+    for b in range(40):
+        writer, sizes = (one, [b * 7 % 90, 20]) if b % 3 else (two, [b * 13 % 400])
+        batch = payloads(b, sizes)
+        assert writer.append(batch) == len(expected) + 1
+        expected += batch
+    one.close()
+    two.close()
+    assert len(list(tmp_path.glob("*.log"))) > 5
+    assert entries(tmp_path) == expected
+
+
+class Crashed(BaseException):
+    """The process died (BaseException: the writer must not catch it)."""
+
+
+class CrashingOs:
+    """Stands in for ``os`` inside segments.py: the ``crash_at``-th durable-path call kills the process.
+
+    A write that is cut short reaches the disk only in part: a prefix (``kill -9`` in the middle of a
+    write) or any subset of its 512-byte sectors (power loss before the sync).
+    """
+
+    def __init__(self, crash_at: int, tear: tuple[str, Any]) -> None:
+        self.crash_at, self.tear, self.calls = crash_at, tear, 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(os, name)
+
+    def _step(self) -> bool:
+        self.calls += 1
+        return self.calls == self.crash_at
+
+    def pwrite(self, fd: int, data: bytes, offset: int) -> int:
+        if not self._step():
+            return os.pwrite(fd, data, offset)
+        data = bytes(data)
+        mode, arg = self.tear
+        if mode == "prefix":
+            os.pwrite(fd, data[: arg % (len(data) + 1)], offset)
+        else:
+            for i in range(0, len(data), 512):
+                if arg[(i // 512) % len(arg)]:
+                    os.pwrite(fd, data[i : i + 512], offset + i)
+        raise Crashed
+
+    def _crashing(self, real: Any, *args: Any) -> Any:
+        if self._step():
+            raise Crashed
+        return real(*args)
+
+    def fdatasync(self, fd: int) -> None:
+        self._crashing(os.fdatasync, fd)
+
+    def fsync(self, fd: int) -> None:
+        self._crashing(os.fsync, fd)
+
+    def posix_fallocate(self, fd: int, offset: int, length: int) -> None:
+        self._crashing(os.posix_fallocate, fd, offset, length)
+
+    def open(self, path: Any, flags: int, mode: int = 0o777) -> int:
+        return int(self._crashing(os.open, path, flags, mode))
+
+
+tears = st.one_of(
+    st.tuples(st.just("prefix"), st.integers(0, 5000)),
+    st.tuples(st.just("sectors"), st.lists(st.booleans(), min_size=1, max_size=6)),
+)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    batches=st.lists(st.lists(st.integers(0, 700), min_size=1, max_size=8), min_size=1, max_size=10),
+    crashes=st.lists(st.tuples(st.integers(1, 30), tears), max_size=4),
+)
+def test_any_crash_leaves_exactly_the_acknowledged_entries_and_a_prefix_of_the_torn_batch(
+    batches: list[list[int]], crashes: list[tuple[int, tuple[str, Any]]]
+) -> None:
+    plan = iter(crashes)
+    outcomes: list[tuple[list[bytes], bool]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp) / "messages"
+        with mock.patch.object(segments, "os", CrashingOs(0, ("prefix", 0))) as fake:
+
+            def start() -> SegmentWriter:
+                while True:  # the restarted process may crash again while it opens the log
+                    fake.crash_at, fake.tear = next(plan, (0, ("prefix", 0)))
+                    fake.calls = 0
+                    fresh = SegmentWriter(directory, segment_bytes=1024)
+                    try:
+                        fresh.open()
+                        return fresh
+                    except Crashed:
+                        fresh.close()
+
+            writer: SegmentWriter | None = None
+            for b, sizes in enumerate(batches):
+                writer = writer or start()
+                batch = payloads(b, sizes)
+                try:
+                    writer.append(batch)
+                    outcomes.append((batch, True))
+                except Crashed:
+                    writer.close()  # the process is gone; its descriptors (and its lock) with it
+                    writer = None
+                    outcomes.append((batch, False))
+            if writer is not None:
+                writer.close()
+        got = entries(directory)  # read with the real os, after every crash
+    crashed = [i for i, (_, acknowledged) in enumerate(outcomes) if not acknowledged]
+    event(f"batches lost to a crash: {len(crashed)}")
+    event(f"acknowledged after a crash: {any(ok for _, ok in outcomes[crashed[0] + 1 :]) if crashed else None}")
+    for batch, acknowledged in outcomes:
+        survived = 0
+        while survived < len(batch) and survived < len(got) and got[survived] == batch[survived]:
+            survived += 1
+        if acknowledged:
+            assert survived == len(batch), "an acknowledged entry was lost"
+        got = got[survived:]
+    assert got == [], "an entry appeared that was never written, or out of order"
