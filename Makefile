@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: run test lint bench deps clean format
+.PHONY: install run test lint bench deps clean format
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	rm -f $(VENV)/.installed-*
 	touch $@
+
+# The install step alone: what `run` needs, and what the Dockerfile runs (tests/test_docker.py checks they match).
+install: $(STAMP)
 
 # The gateway on the embedded default: no Kafka, Redis or ThingsBoard needed (override with KAFKA_ENABLED=true).
 run: $(STAMP)

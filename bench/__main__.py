@@ -18,6 +18,7 @@ SCENARIOS: dict[str, tuple[str, str]] = {
     "coap": ("bench.coap_bench", "throughput"),
     "idle": ("bench.mqtt_bench", "idle_memory"),
     "kafka": ("bench.kafka_bench", "throughput"),
+    "workers": ("bench.workers_bench", "throughput"),  # WORKERS=2 vs 1 (docs/scale-out.md)
 }
 
 

@@ -6,7 +6,7 @@ import socket
 import time
 from typing import Any
 
-from bench.common import SERVER_CORE, free_port, pinned, process, run_load, tempdir
+from bench.common import SERVER_CORE, free_port, pinned, process, register_devices, run_load, tempdir
 from tests.gateway_process import GatewayProcess
 
 TOKEN = "BENCH_TOKEN"
@@ -22,10 +22,10 @@ def throughput(seconds: float) -> list[dict[str, Any]]:
         reference = run_load(*load, "-addr", f"127.0.0.1:{port}", "-token", TOKEN)
     env = {"HTTP_ENABLED": "false", "MQTT_ENABLED": "false", "BATCH_SIZE": "2000"}
     gw = GatewayProcess(tempdir(), env, prefix=pinned(SERVER_CORE))
-    gw.add_device("bench-device", TOKEN)
+    register_devices(gw.data_dir, TOKEN, SOCKETS)
     gw.start()
     try:
-        ours = run_load(*load, "-addr", f"127.0.0.1:{gw.coap_port}", "-token", TOKEN)
+        ours = run_load(*load, "-addr", f"127.0.0.1:{gw.coap_port}", "-token", TOKEN, "-devices", str(SOCKETS))
     finally:
         gw.stop()
     return [

@@ -102,3 +102,20 @@ def save(name: str, results: dict[str, Any]) -> Path:
 def table(rows: list[tuple[str, ...]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows)
+
+
+def register_devices(data_dir: Path, token_prefix: str, count: int) -> None:
+    """One registry device per load connection (tokens PREFIX-0 .. PREFIX-(count-1)), as `-devices` expects.
+
+    Distinct devices matter: the gateway keeps one MQTT session per device, as ThingsBoard does, so connections
+    sharing one token would take each other over.
+    """
+    from tb_gateway.registry import Registry
+
+    registry = Registry(data_dir / "registry.db")
+    try:
+        with registry.transaction():
+            for n in range(count):
+                registry.add(f"bench-{n}", token=f"{token_prefix}-{n}")
+    finally:
+        registry.close()

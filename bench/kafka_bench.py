@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.common import SERVER_CORE, pinned, run_load, tempdir
+from bench.common import SERVER_CORE, pinned, register_devices, run_load, tempdir
 from bench.http_bench import WRK_SCRIPT, wrk
 from tests.gateway_process import GatewayProcess
 from tests.harness.kafka import KafkaBroker
@@ -35,7 +35,8 @@ def throughput(seconds: float = 10.0) -> list[dict[str, Any]]:
             "BATCH_SIZE": "2000",
         }
         gw = GatewayProcess(workdir / "gateway", env, prefix=pinned(SERVER_CORE))
-        gw.add_device("bench-kafka", TOKEN)
+        gw.add_device("bench-kafka", TOKEN)  # HTTP: one device (no sessions)
+        register_devices(gw.data_dir, TOKEN, 50)  # MQTT: one device per connection
         gw.start()
         try:
             assert gw.proc is not None
@@ -44,7 +45,7 @@ def throughput(seconds: float = 10.0) -> list[dict[str, Any]]:
             url = f"{gw.base_url}/api/v1/{TOKEN}/telemetry"
             wrk(url, script, 2.0, gw.proc.pid)  # warm-up: topic metadata, producer connections
             rows.append(_row("http -> kafka, 50 conns", wrk(url, script, seconds, gw.proc.pid)))
-            mqtt = ["-mode", "mqtt", "-addr", f"127.0.0.1:{gw.mqtt_port}", "-token", TOKEN]
+            mqtt = ["-mode", "mqtt", "-addr", f"127.0.0.1:{gw.mqtt_port}", "-token", TOKEN, "-devices", "50"]
             full = run_load(*mqtt, "-conns", "50", "-inflight", "100", "-duration", f"{seconds}s")
             rows.append(_row("mqtt qos1 -> kafka, 50x100", full))
             half = run_load(*mqtt, "-conns", "50", "-inflight", "100", "-duration", f"{seconds}s",

@@ -17,6 +17,7 @@ from bench.common import (
     loadgen,
     pinned,
     process,
+    register_devices,
     rss_kib,
     run_load,
     tempdir,
@@ -26,13 +27,14 @@ from tests.gateway_process import GatewayProcess
 
 TOKEN = "BENCH_TOKEN"
 SHAPES = [(50, 100), (500, 1)]  # (connections, in flight per connection)
+DEVICES = 10_000  # one device per connection, up to the idle test's count
 
 
 def gateway(**overrides: str) -> GatewayProcess:
     env = {"HTTP_ENABLED": "false", "COAP_ENABLED": "false", "BATCH_SIZE": "2000"}
     env.update(overrides)
     gw = GatewayProcess(tempdir(), env, prefix=pinned(SERVER_CORE))
-    gw.add_device("bench-device", TOKEN)
+    register_devices(gw.data_dir, TOKEN, DEVICES)
     return gw
 
 
@@ -52,7 +54,7 @@ def throughput(seconds: float) -> list[dict[str, Any]]:
         gw = gateway()
         gw.start()
         try:
-            ours = run_load(*load, "-addr", f"127.0.0.1:{gw.mqtt_port}", "-token", TOKEN)
+            ours = run_load(*load, "-addr", f"127.0.0.1:{gw.mqtt_port}", "-token", TOKEN, "-devices", str(conns))
         finally:
             gw.stop()
         rows.append(
@@ -83,6 +85,8 @@ def idle_memory(connections: int = 10_000, hold_s: float = 20.0) -> dict[str, An
                 "-token",
                 TOKEN,
                 "-idle",
+                str(connections),
+                "-devices",
                 str(connections),
                 "-hold",
                 f"{hold_s}s",

@@ -289,7 +289,7 @@ def test_health(loop: str, tmp_path: Path) -> None:
 def test_404_and_405(loop: str, tmp_path: Path) -> None:
     async def main() -> None:
         async with serving(tmp_path) as gw, httpx.AsyncClient(base_url=gw.url) as client:
-            for path in ("/", "/api/v1/T1/nothing", "/api/v1/T1/rpc", "/api/v1/T1/attributes/updates"):
+            for path in ("/", "/api/v1/T1/nothing", "/api/v1/T1/rpc/1/x", "/api/v1/T1/attributes/updates/x"):
                 answer = await client.post(path, json={"a": 1})
                 assert (answer.status_code, answer.content) == (404, b""), path
             answer = await client.get("/api/v1/T1/telemetry")

@@ -45,9 +45,8 @@ def test_query_is_split_off() -> None:
         b"/api/v1//telemetry",  # empty token
         b"/api/v1/telemetry",  # no token at all
         b"/api/v2/T/telemetry",
-        b"/api/v1/T/rpc",  # the downlink issue's, not served yet
-        b"/api/v1/T/rpc/12",
-        b"/api/v1/T/attributes/updates",
+        b"/api/v1/T/rpc/12/x",  # the downlink's rpc/{id} takes one segment
+        b"/api/v1/T/attributes/updates/x",
         b"/healthz",
         b"*",
         b"example.com:443",

@@ -187,7 +187,8 @@ def test_thingsboard_sdk(running: GatewayProcess) -> None:
     assert seen["max_payload_size"] == int(65536 * 0.8)
     assert (seen["telemetry_rc"], seen["attributes_rc"]) == (0, 0)
     assert seen["attributes"] == {"client": {"sdk_fw": "v-sdk"}}
-    assert "error" in seen["rpc"]  # client-side RPC methods other than getSessionLimits are not forwarded yet
+    # forwarded to the backend: on the embedded default nobody answers within the SDK's 10 s (docs/downlink.md)
+    assert "rpc" not in seen
     assert seen["connected_at_end"] is True
     records = stored(running)
     assert [(r["device"], r["kind"], r["values"]) for r in records] == [

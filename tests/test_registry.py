@@ -86,3 +86,15 @@ def test_data_version_changes_when_another_connection_writes(tmp_path: Path) -> 
     before = gateway_side.data_version()
     cli_side.add("new")
     assert gateway_side.data_version() != before
+
+
+def test_a_transaction_commits_all_or_nothing(tmp_path: Path) -> None:
+    registry = Registry(tmp_path / "r.db")
+    with registry.transaction():
+        for n in range(100):
+            registry.add(f"bulk-{n}", token=f"BULK-{n}")
+    assert len(registry.list()) == 100
+    with pytest.raises(RegistryError), registry.transaction():
+        registry.add("fine", token="FINE")
+        registry.add("bulk-1")  # duplicate name: the whole transaction is rolled back
+    assert registry.by_name("fine") is None

@@ -71,6 +71,7 @@ func main() {
 	duration := flag.Duration("duration", 10*time.Second, "measured duration")
 	warmup := flag.Duration("warmup", 2*time.Second, "unmeasured warm-up")
 	token := flag.String("token", "BENCH_TOKEN", "access token (MQTT user name, CoAP path)")
+	devices := flag.Int("devices", 0, "if > 0, connection i uses token TOKEN-(i mod devices): one device each")
 	version := flag.Int("version", 4, "MQTT protocol level: 4 (3.1.1) or 5")
 	payloadSize := flag.Int("payload", 60, "payload size in bytes (JSON)")
 	idle := flag.Int("idle", 0, "MQTT: open this many idle connections, hold them, then exit (memory test)")
@@ -80,7 +81,7 @@ func main() {
 
 	payload := makePayload(*payloadSize)
 	if *idle > 0 {
-		os.Exit(runIdle(*addr, *token, *version, *idle, *hold))
+		os.Exit(runIdle(*addr, *token, *version, *idle, *devices, *hold))
 	}
 	var c counters
 	lat := &latencies{}
@@ -92,6 +93,11 @@ func main() {
 		go func(i int) {
 			defer wg.Done()
 			var err error
+			token := token
+			if *devices > 0 {
+				t := fmt.Sprintf("%s-%d", *token, i%*devices)
+				token = &t
+			}
 			switch *mode {
 			case "mqtt":
 				err = mqttWorker(*addr, *token, *version, i, *inflight, payload, &c, lat, measuring, stop,
@@ -102,8 +108,9 @@ func main() {
 				err = fmt.Errorf("unknown mode %q", *mode)
 			}
 			if err != nil {
-				c.connectFails.Add(1)
-				fmt.Fprintln(os.Stderr, "worker:", err)
+				if c.connectFails.Add(1) <= 5 { // the first few say why; the count says how many
+					fmt.Fprintln(os.Stderr, "worker:", err)
+				}
 			}
 		}(i)
 	}

@@ -170,11 +170,15 @@ func ioReadFull(r *bufio.Reader, buf []byte) (int, error) {
 }
 
 // runIdle opens n connections, holds them for `hold`, and prints how many succeeded.
-func runIdle(addr, token string, version, n int, hold time.Duration) int {
+func runIdle(addr, token string, version, n, devices int, hold time.Duration) int {
 	conns := make([]net.Conn, 0, n)
 	fails := 0
 	for i := 0; i < n; i++ {
-		conn, _, err := dial(addr, token, version, i)
+		user := token
+		if devices > 0 {
+			user = fmt.Sprintf("%s-%d", token, i%devices)
+		}
+		conn, _, err := dial(addr, user, version, i)
 		if err != nil {
 			fails++
 			continue

@@ -9,22 +9,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
+import time
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from tb_gateway import blocklist
+from tb_gateway.admin import AdminServer
 from tb_gateway.attributes import AttributeStore
 from tb_gateway.auth import AuthService, CredentialSource
 from tb_gateway.auth_thingsboard import forget_token
 from tb_gateway.config import Settings
 from tb_gateway.device_api import DeviceApi
+from tb_gateway.downlink.hub import Downlink, DownlinkSource
 from tb_gateway.metrics import Metrics
 from tb_gateway.pipeline import Pipeline
+from tb_gateway.records import DeviceIdentity
 from tb_gateway.registry import Registry, RegistryCredentials
 from tb_gateway.servers import Server
 from tb_gateway.sinks.base import Sink
 from tb_gateway.sinks.store import StoreSink
+from tb_gateway.workers import report_ready, watch_supervisor
+
+if TYPE_CHECKING:
+    from tb_gateway.redis_cache import RedisCache
 
 log = logging.getLogger("tb_gateway")
 
@@ -38,7 +49,7 @@ def build_sink(settings: Settings, metrics: Metrics, on_token_rejected: Callable
         return _kafka_sink(settings, metrics)
     if settings.tb_http_enabled:
         return _thingsboard_sink(settings, metrics, on_token_rejected)
-    return StoreSink(settings.data_dir / "messages.db")
+    return StoreSink(settings.data_dir / "messages")
 
 
 def _kafka_sink(settings: Settings, metrics: Metrics) -> Sink:
@@ -50,7 +61,7 @@ def _kafka_sink(settings: Settings, metrics: Metrics) -> Sink:
     primary = KafkaSink.from_settings(settings, metrics)
     if not settings.spool_enabled:
         return primary
-    return SpoolingSink(primary, Spool(settings.data_dir / "spool" / primary.name, settings.spool_max_bytes), metrics)
+    return SpoolingSink(primary, Spool(spool_dir(settings, primary.name), settings.spool_max_bytes), metrics)
 
 
 def _thingsboard_sink(settings: Settings, metrics: Metrics, on_token_rejected: Callable[[str], object] | None) -> Sink:
@@ -62,8 +73,15 @@ def _thingsboard_sink(settings: Settings, metrics: Metrics, on_token_rejected: C
     primary = ThingsBoardSink.from_settings(settings, metrics, on_token_rejected)
     if not settings.spool_enabled:
         return primary
-    spool = Spool(settings.data_dir / "spool" / primary.name, settings.spool_max_bytes)
+    spool = Spool(spool_dir(settings, primary.name), settings.spool_max_bytes)
     return SpoolingSink(primary, spool, metrics)
+
+
+def spool_dir(settings: Settings, sink: str) -> Path:
+    """DATA_DIR/spool/<sink>; worker i > 0 of WORKERS has its own beside it (a spool has one writer), worker 0
+    keeps the plain path so going from one worker to several strands nothing."""
+    base = settings.data_dir / "spool"
+    return base / sink if not settings.worker_index else base / f"worker-{settings.worker_index}" / sink
 
 
 def build_sources(settings: Settings, registry: Registry, metrics: Metrics | None = None) -> list[CredentialSource]:
@@ -73,6 +91,15 @@ def build_sources(settings: Settings, registry: Registry, metrics: Metrics | Non
 
         sources.append(ThingsBoardCredentialSource.from_settings(settings, metrics or Metrics()))
     return sources
+
+
+def build_downlink_sources(settings: Settings, downlink: Downlink, metrics: Metrics) -> list[DownlinkSource]:
+    """Kafka's downlink topics when Kafka is on; the admin API (always there, localhost) serves the CLI."""
+    if not (settings.kafka_enabled and settings.kafka_downlink_enabled):
+        return []
+    from tb_gateway.downlink.kafka_source import KafkaDownlinkSource
+
+    return list(KafkaDownlinkSource.from_settings(settings, downlink, metrics))
 
 
 def build_servers(settings: Settings, api: DeviceApi, health: Health) -> list[Server]:
@@ -105,14 +132,27 @@ class Gateway:
             batch_timeout_s=settings.batch_timeout,
             max_queue=settings.queue_max_records,
         )
+        self.session_closers: list[Callable[[str, str], object]] = []  # (device id, reason): close its sessions
+        self.redis = _redis(settings, self)
         self.auth = AuthService(
             build_sources(settings, self.registry, self.metrics),
             self.metrics,
             ttl_s=settings.auth_cache_ttl_seconds,
             negative_ttl_s=settings.auth_negative_cache_ttl_seconds,
+            shared=self.redis,
+            blocklist=blocklist.configured(settings),
         )
         self.attributes = AttributeStore(settings.data_dir / "attributes.db")
         self.api = DeviceApi(settings, self.auth, self.pipeline, self.attributes, self.metrics)
+        # RPC outcomes and device state go to Kafka or the embedded store; ThingsBoard's HTTP API takes none
+        forwards_to_thingsboard = not settings.kafka_enabled and settings.tb_http_enabled
+        submit = None if forwards_to_thingsboard else self.pipeline.submit
+        self.downlink = Downlink.from_settings(settings, self.attributes, self.metrics, submit, self.api.session_limits)
+        self.api.downlink = self.downlink
+        self.session_closers.append(self._close_downlink_sessions)
+        self.downlink.connect_listeners.append(self._device_connected)
+        self.admin = AdminServer.from_settings(settings, self.downlink, self.registry)
+        self.downlink_sources = build_downlink_sources(settings, self.downlink, self.metrics)
         self.servers = build_servers(settings, self.api, self.health)
         self._stop = asyncio.Event()
 
@@ -125,10 +165,34 @@ class Gateway:
         }
         components = {"pipeline": pipeline, "sink": sink}
         components.update({server.name: {"status": "up"} for server in self.servers})
+        if self.redis is not None:
+            components["redis"] = self.redis.health()
         ok = all(c.get("status") != "down" for c in components.values())
         degraded = any(c.get("status") == "degraded" for c in components.values())
         status = "down" if not ok else "degraded" if degraded else "up"
         return ok, {"status": status, "components": components}
+
+    def device_revoked(self, device_id: str) -> None:
+        """Removed or revoked here or on another instance: forget its credentials, close its sessions."""
+        self.auth.invalidate(lambda _credentials, identity: identity is not None and identity.id == device_id)
+        self.close_sessions(device_id, "revoked")
+
+    def close_sessions(self, device_id: str, reason: str) -> None:
+        for close in self.session_closers:
+            close(device_id, reason)
+
+    def _device_connected(self, device: DeviceIdentity) -> None:
+        """A connection here: with Redis, the device's session on any other instance is closed."""
+        if self.redis is not None:
+            self.redis.announce_session(device.id, time.time())
+
+    def _close_downlink_sessions(self, device_id: str, reason: str) -> None:
+        """Revoked: every session of the device; taken over elsewhere: its connections (MQTT)."""
+        doomed = [s for s in self.downlink.sessions.sessions(device_id) if reason != "taken_over" or s.connection]
+        if doomed:
+            log.info("closing %d session(s) of device %s: %s", len(doomed), device_id, reason)
+        for session in doomed:
+            session.close(reason)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -142,15 +206,24 @@ class Gateway:
                 pipeline_task = tasks.create_task(self.pipeline.run(), name="pipeline")
                 sink_task = tasks.create_task(self.sink.run(), name="sink")
                 watcher = tasks.create_task(self._watch_registry(), name="registry-watch")
+                await self.admin.start()
+                downlink = [tasks.create_task(self.downlink.run(), name="downlink")]
+                downlink.append(tasks.create_task(self.admin.run(), name="admin"))
+                downlink += [tasks.create_task(src.run(), name=src.name) for src in self.downlink_sources]
+                if self.redis is not None:
+                    tasks.create_task(self.redis.run(), name="redis")
                 for server in self.servers:
                     await server.start()
+                _tune_gc()
                 log.info(
-                    "gateway ready",
-                    extra={"servers": [server.name for server in self.servers], "sink": self.sink.name},
+                    "gateway ready" if s.worker_index is None else "worker ready",  # WORKERS: the supervisor says it
+                    extra={"servers": [server.name for server in self.servers], "sink": self.sink.name}
+                    | ({} if s.worker_index is None else {"worker": s.worker_index}),
                 )
+                report_ready(metrics_server.server_port)
                 await self._stop.wait()
                 log.info("shutting down")
-                await self._shutdown(pipeline_task, sink_task, watcher)
+                await self._shutdown(pipeline_task, sink_task, watcher, *downlink)
         finally:
             metrics_server.shutdown()
             self.attributes.close()
@@ -161,6 +234,10 @@ class Gateway:
         timeout = self.settings.shutdown_timeout_seconds
         for server in self.servers:
             server.stop_accepting()
+        self.admin.close()
+        for source in self.downlink_sources:
+            source.close()
+        self.downlink.close()  # pending RPCs end "cancelled" while the pipeline still takes records
         try:
             async with asyncio.timeout(timeout):
                 await asyncio.gather(*(server.drain() for server in self.servers))
@@ -175,6 +252,8 @@ class Gateway:
             pipeline_task.cancel()
         await self.sink.close()
         await self.auth.close()
+        if self.redis is not None:
+            await self.redis.close()
         for task in others:
             task.cancel()
 
@@ -187,6 +266,23 @@ class Gateway:
                 version = current
                 dropped = self.auth.invalidate_source(RegistryCredentials.name)
                 log.info("device registry changed; dropped %d cached credentials", dropped)
+
+
+def _redis(settings: Settings, gateway: Gateway) -> RedisCache | None:
+    """REDIS_URL set -> the shared credential cache, revocations and session take-over (docs/scale-out.md)."""
+    if not settings.redis_url:
+        return None
+    from tb_gateway.redis_cache import RedisCache
+
+    return RedisCache(
+        settings.redis_url,
+        gateway.metrics,
+        prefix=settings.redis_key_prefix,
+        timeout_s=settings.redis_timeout_seconds,
+        on_revoked=gateway.device_revoked,
+        on_taken_over=lambda device_id: gateway.close_sessions(device_id, "taken_over"),
+        on_reconnected=lambda: gateway.auth.invalidate(),
+    )
 
 
 def _start_metrics(settings: Settings, metrics: Metrics) -> Any:
@@ -203,12 +299,22 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, gateway.request_stop)
+    watch_supervisor(loop, gateway.request_stop)  # WORKERS: a worker never outlives its supervisor
     try:
         await gateway.run()
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(sig)
+
+
+def _tune_gc() -> None:
+    """Start-up objects never die: freeze them out of the collector's scans, and collect the young generation
+    less often (each message makes a few short-lived objects; the default threshold of 700 runs a collection
+    every few dozen messages)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
 
 
 def _raise_fd_limit() -> None:
@@ -223,6 +329,14 @@ def _raise_fd_limit() -> None:
 
 def run(settings: Settings) -> None:
     import uvloop
+
+    if settings.workers > 1 and settings.worker_index is None:
+        from tb_gateway.workers import supervise
+
+        code = supervise(settings)
+        if code:
+            raise SystemExit(code)
+        return
 
     _raise_fd_limit()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

@@ -15,6 +15,7 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from tb_gateway.errors import ConfigError
+from tb_gateway.ratelimit import format_limit, parse_limit
 
 
 class LogFormat(enum.StrEnum):
@@ -100,13 +101,26 @@ class Settings(BaseSettings):
     kafka_topic_telemetry: str = "tb.telemetry"
     kafka_topic_attributes: str = "tb.attributes"
     kafka_topic_device_events: str = "tb.device-events"  # claim requests and device state events
-    kafka_topic_rpc_requests: str = "tb.rpc.requests"  # client-side RPC requests (uplink, later)
-    kafka_topic_rpc_responses: str = "tb.rpc.responses"  # RPC responses (uplink, later)
+    kafka_topic_rpc_requests: str = "tb.rpc.requests"  # client-side RPC requests from devices (uplink)
+    kafka_topic_rpc_responses: str = "tb.rpc.responses"  # devices' RPC replies and every RPC's outcome (uplink)
+    kafka_topic_server_rpc: str = "tb.rpc.server"  # downlink: server-side RPC requests to devices
+    kafka_topic_shared_attributes: str = "tb.attributes.shared"  # downlink: shared attributes (compacted)
+    kafka_topic_client_rpc_replies: str = "tb.rpc.client-replies"  # downlink: the backend's client-RPC replies
+    kafka_downlink_enabled: bool = True  # consume the three downlink topics when KAFKA_ENABLED
+    kafka_downlink_group_id: str = "tb-gateway"  # consumer group of the downlink topics
     kafka_linger_ms: Annotated[int, Field(ge=0, le=900_000)] = 1  # 0 = lowest latency; more = bigger batches
     kafka_compression: KafkaCompression = KafkaCompression.LZ4  # JSON shrinks ~3x; lz4 costs least CPU
     kafka_delivery_timeout_ms: Annotated[int, Field(ge=1000)] = 10_000  # then a record is spooled instead
     kafka_max_in_flight_batches: Positive = 4  # pipeline batches awaiting Kafka's acks at once
     kafka_message_max_bytes: Annotated[int, Field(ge=1000)] = 1_000_000  # larger records are rejected
+
+    # --- downlink: server-side RPC, shared attributes, client-side RPC, device state (docs/downlink.md) ---
+    rpc_default_timeout_seconds: PositiveSeconds = 10.0  # an RPC without its own expiry; ThingsBoard's default
+    rpc_max_timeout_seconds: PositiveSeconds = 86_400.0  # longest expiry accepted: pending RPCs live in memory
+    rpc_max_pending_per_device: Positive = 100  # queued server-side RPCs per device; more are rejected
+    client_side_rpc_timeout_seconds: PositiveSeconds = 60.0  # then {"error":"timeout"}; ThingsBoard's default
+    client_side_rpc_max_pending: Positive = 10_000  # device->backend RPCs awaiting a reply, whole gateway
+    device_inactivity_timeout_seconds: PositiveSeconds = 600.0  # ThingsBoard's DEFAULT_INACTIVITY_TIMEOUT
 
     # --- store and forward spool (DATA_DIR/spool/<sink>) ---
     spool_enabled: bool = True  # keep records in DATA_DIR while the backend is down, replay them later
@@ -120,8 +134,25 @@ class Settings(BaseSettings):
     retry_after_seconds: Positive = 1  # Retry-After / Max-Age sent with an overload refusal
     json_type_cast_enabled: bool = True  # ThingsBoard's default: "42" is stored as the number 42
     json_max_string_value_length: Annotated[int, Field(ge=0)] = 0  # 0 = unlimited, as in ThingsBoard
-    rate_limit_enabled: bool = False
-    rate_limit_requests_per_second: Positive = 100
+    rate_limit_enabled: bool = False  # master switch of the per-device limits below
+    rate_limit_requests_per_second: Positive = 100  # the messages limit ("N:1") when none more specific is set
+    rate_limit_device_messages: str | None = None  # ThingsBoard format "capacity:seconds[,...]", e.g. "20:1,600:60"
+    rate_limit_device_telemetry_messages: str | None = None
+    rate_limit_device_telemetry_data_points: str | None = None
+    rate_limit_max_devices: Positive = 1_000_000  # devices whose buckets are remembered at once (memory bound)
+
+    # --- brute-force protection (ThingsBoard's transport IP limits; off by default as there) ---
+    ip_block_enabled: bool = False
+    ip_block_max_wrong_credentials: Positive = 10  # wrong credentials from one address before it is blocked
+    ip_block_timeout_seconds: PositiveSeconds = 60.0  # how long it stays blocked; failures further apart than
+    # this do not add up
+
+    # --- scale-out (docs/scale-out.md) ---
+    redis_url: str | None = None  # e.g. redis://redis:6379/0; shared credential cache and revocations; unset = off
+    redis_key_prefix: str = "tbgw:"  # namespace of every key and channel, so gateways of several fleets can share
+    redis_timeout_seconds: PositiveSeconds = 0.5  # per Redis command; beyond it the local cache answers alone
+    workers: Annotated[int, Field(ge=1, le=256)] = 1  # processes sharing the ports (SO_REUSEPORT), one per core
+    worker_index: Annotated[int, Field(ge=0)] | None = None  # set by the supervisor for each worker; not by hand
 
     # --- authentication ---
     auth_cache_ttl_seconds: PositiveSeconds = 3600.0
@@ -146,6 +177,18 @@ class Settings(BaseSettings):
                 return orjson.loads(text)
             return [part.strip() for part in text.split(",") if part.strip()]
         return value
+
+    @field_validator(
+        "rate_limit_device_messages",
+        "rate_limit_device_telemetry_messages",
+        "rate_limit_device_telemetry_data_points",
+    )
+    @classmethod
+    def _rate_limit(cls, value: str | None) -> str | None:
+        """ThingsBoard's format, checked at start-up; blank means no limit."""
+        if value is None or not value.strip():
+            return None
+        return format_limit(parse_limit(value))
 
     @field_validator("log_level", mode="before")
     @classmethod

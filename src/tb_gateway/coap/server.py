@@ -26,6 +26,7 @@ import orjson
 
 from tb_gateway.auth import AccessToken
 from tb_gateway.coap.codec import Code, ContentFormat, Option, Options, encode_uint
+from tb_gateway.coap.downlink import CoapDownlink
 from tb_gateway.coap.endpoint import (
     ANSWERED,
     Address,
@@ -40,6 +41,7 @@ from tb_gateway.coap.endpoint import (
     ResponseTimedOut,
 )
 from tb_gateway.device_api import DeviceApi
+from tb_gateway.downlink.sessions import Feature
 from tb_gateway.errors import AddressBlocked, CredentialsUnavailable, PayloadError
 from tb_gateway.ratelimit import ceil_seconds
 from tb_gateway.records import DeviceIdentity, RecordKind, Transport
@@ -103,10 +105,12 @@ class CoapServer:
         self._idle: asyncio.Event | None = None  # set by ``drain``: wakes it when the last answer is out
         self._accepting = True
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Observe on rpc / attributes, RPC replies, client RPC (coap/downlink.py, docs/downlink.md)
+        self.downlink = CoapDownlink(self, api.downlink) if api.downlink is not None else None
         self._dispatch: dict[type, Callable[[Any], None]] = {
             RequestReceived: self._on_request,
-            ObservationCancelled: self._ignore,  # registrations arrive with the downlink (attributes, RPC)
-            NotificationAcknowledged: self._ignore,
+            ObservationCancelled: self.downlink.cancelled if self.downlink else self._ignore,
+            NotificationAcknowledged: self.downlink.acknowledged if self.downlink else self._ignore,
             NotificationTimedOut: self._ignore,
             ResponseTimedOut: self._ignore,
         }
@@ -206,7 +210,7 @@ class CoapServer:
         if len(path) < 2 or path[0] != "api" or path[1] != "v1":
             self._answer(exchange, Code.NOT_FOUND)
             return
-        methods = ROUTES.get(path[3]) if len(path) == 4 else None
+        methods = ROUTES.get(path[3]) if len(path) == 4 else RPC_REPLY if len(path) == 5 and path[3] == "rpc" else None
         if methods is None:
             self._answer(exchange, Code.BAD_REQUEST, b"unknown path")
             return
@@ -305,7 +309,11 @@ class CoapServer:
         if self._pending == 0 and self._idle is not None:
             self._idle.set()
         self.endpoint.respond(exchange, self._loop.time(), code, payload, options)
-        if not self._flush_scheduled:  # answers resolved together (one sink batch) leave in one flush
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        """Answers and notifications resolved together (one sink batch) leave in one flush."""
+        if not self._flush_scheduled and self._loop is not None:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
@@ -318,12 +326,38 @@ def _post(kind: RecordKind) -> Handler:
     return lambda server, exchange, device: server.post(exchange, device, kind)
 
 
-# feature -> method -> handler (spec §4). Observe registrations (attributes, rpc) come with the downlink.
+def _downlink(handle: Callable[[CoapDownlink, Exchange, DeviceIdentity], None]) -> Handler:
+    """A downlink route; a gateway built without the downlink (unit tests) answers it 4.04."""
+
+    def route(server: CoapServer, exchange: Exchange, device: DeviceIdentity) -> None:
+        if server.downlink is None:
+            server._answer(exchange, Code.NOT_FOUND)
+        else:
+            handle(server.downlink, exchange, device)
+
+    return route
+
+
+def _get_attributes(server: CoapServer, exchange: Exchange, device: DeviceIdentity) -> None:
+    """GET attributes: Observe 0 / 1 (de)registers an observation of shared-attribute updates, else the
+    attribute request."""
+    if server.downlink is None or exchange.observe not in (0, 1):
+        server.get_attributes(exchange, device)
+    else:
+        server.downlink.observe(exchange, device, Feature.ATTRIBUTES)
+
+
+# feature -> method -> handler (spec §4)
 ROUTES: dict[str, dict[int, Handler]] = {
     "telemetry": {Code.POST: _post(RecordKind.TELEMETRY)},
-    "attributes": {Code.POST: _post(RecordKind.ATTRIBUTES), Code.GET: CoapServer.get_attributes},
+    "attributes": {Code.POST: _post(RecordKind.ATTRIBUTES), Code.GET: _get_attributes},
     "claim": {Code.POST: _post(RecordKind.CLAIM)},
+    "rpc": {
+        Code.GET: _downlink(lambda side, exchange, device: side.observe(exchange, device, Feature.RPC)),
+        Code.POST: _downlink(CoapDownlink.client_rpc),
+    },
 }
+RPC_REPLY: dict[int, Handler] = {Code.POST: _downlink(CoapDownlink.rpc_reply)}  # .../rpc/{id}
 
 
 async def _resume(coro: Coroutine[Any, Any, None], awaited: Any) -> None:

@@ -70,6 +70,7 @@ class HttpConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.address: str | None = None
         self.closed: asyncio.Future[None] = self.loop.create_future()
+        self.peer_gone: asyncio.Future[None] = self.loop.create_future()  # EOF or closed: long polls end
         self.queue: deque[Request] = deque()
         self.current: Request | None = None  # the request whose body is being read
         self.busy = False  # the head of the queue waits for a lookup or a delivery
@@ -130,6 +131,8 @@ class HttpConnection(asyncio.Protocol):
         self._sync_reading()
 
     def eof_received(self) -> bool | None:
+        if not self.peer_gone.done():
+            self.peer_gone.set_result(None)
         if self.current is not None and not self.current.complete:
             self._fail(error(400, "the connection closed in the middle of a request"), "bad_request")
         self.stopped = True
@@ -142,6 +145,8 @@ class HttpConnection(asyncio.Protocol):
         self.server.connections.discard(self)
         if not self.closed.done():
             self.closed.set_result(None)
+        if not self.peer_gone.done():
+            self.peer_gone.set_result(None)
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -193,6 +198,7 @@ class HttpConnection(asyncio.Protocol):
             self._refuse(request, Answer(405, extra=extra) if extra else route.status, REASONS[route.status])
         else:
             request = Request(route, credentials, persist, handler, takes_body)
+            request.closed = self.peer_gone
         request.expect = self.expect
         self.queue.append(request)
         self.current = request

@@ -38,6 +38,7 @@ class Request:
     __slots__ = (
         "authenticated",
         "body",
+        "closed",
         "complete",
         "credentials",
         "device",
@@ -74,6 +75,7 @@ class Request:
         self.complete = False
         self.expect = False
         self.done_at = 0.0  # perf_counter when the last byte arrived: ack latency starts there
+        self.closed: asyncio.Future[None] | None = None  # done when the client left (EOF): ends a long poll
 
 
 Finish = Callable[[Request, Any], Reply]
@@ -94,6 +96,12 @@ class Handlers:
             Endpoint.ATTRIBUTE_REQUEST: self.attribute_request,
             Endpoint.HEALTH: self.health,
         }
+        if api.downlink is not None:  # long polls, RPC replies, client RPC (http/downlink.py)
+            from tb_gateway.http.downlink import HttpDownlink
+
+            self.table.update(HttpDownlink(api.downlink).handlers())
+        for endpoint in Endpoint:  # a gateway built without the downlink (unit tests) answers 404
+            self.table.setdefault(endpoint, lambda request: error(404, "not served"))
 
     def overloaded(self, message: str) -> Answer:
         return error(503, message, self.retry_after)

@@ -21,13 +21,19 @@ class Endpoint(enum.Enum):
     ATTRIBUTES = "attributes"  # POST: client attributes, a device message
     ATTRIBUTE_REQUEST = "attribute_request"  # GET: read client / shared attributes
     CLAIM = "claim"  # POST: device message
+    RPC_POLL = "rpc_poll"  # GET rpc: long poll for a server-side RPC (http/downlink.py)
+    RPC_REPLY = "rpc_reply"  # POST rpc/{id}: the device's reply
+    CLIENT_RPC = "client_rpc"  # POST rpc: the device asks the backend
+    ATTRIBUTE_UPDATES = "attribute_updates"  # GET attributes/updates: long poll for shared attributes
 
     @property
     def takes_body(self) -> bool:
         return self in _WITH_BODY
 
 
-_WITH_BODY = frozenset({Endpoint.TELEMETRY, Endpoint.ATTRIBUTES, Endpoint.CLAIM})
+_WITH_BODY = frozenset(
+    {Endpoint.TELEMETRY, Endpoint.ATTRIBUTES, Endpoint.CLAIM, Endpoint.RPC_REPLY, Endpoint.CLIENT_RPC}
+)
 
 Methods = dict[bytes, Endpoint]
 
@@ -41,10 +47,12 @@ DEVICE: dict[bytes, Methods] = {
     b"telemetry": {b"POST": Endpoint.TELEMETRY},
     b"attributes": {b"POST": Endpoint.ATTRIBUTES, b"GET": Endpoint.ATTRIBUTE_REQUEST},
     b"claim": {b"POST": Endpoint.CLAIM},
+    b"rpc": {b"GET": Endpoint.RPC_POLL, b"POST": Endpoint.CLIENT_RPC},
+    b"attributes/updates": {b"GET": Endpoint.ATTRIBUTE_UPDATES},
 }
 
-# Suffixes with one variable segment, written with "{id}", e.g. b"rpc/{id}". Empty until the downlink issue.
-DEVICE_PATTERNS: dict[bytes, Methods] = {}
+# Suffixes with one variable segment, written with "{id}".
+DEVICE_PATTERNS: dict[bytes, Methods] = {b"rpc/{id}": {b"POST": Endpoint.RPC_REPLY}}
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,6 @@ import asyncio
 import logging
 import ssl
 from collections import deque
-from collections.abc import Callable
 from typing import Any, cast
 
 import orjson
@@ -26,6 +25,7 @@ from tb_gateway.device_api import DeviceApi, json_error
 from tb_gateway.errors import AddressBlocked, ConfigError, CredentialsUnavailable, PayloadError
 from tb_gateway.logs import Throttle
 from tb_gateway.mqtt import topics
+from tb_gateway.mqtt.downlink import MqttDownlink
 from tb_gateway.mqtt.packets import MQTT_5, Connect, Publish
 from tb_gateway.mqtt.session import (
     AckQueue,
@@ -53,8 +53,7 @@ AUTH, WINDOW, ROOM, WRITE, CLOSING = 1, 2, 4, 8, 16
 OK, UNSPECIFIED, IMPLEMENTATION, NOT_AUTHORIZED_ = 0x00, 0x80, 0x83, 0x87
 SERVER_BUSY, SHUTTING_DOWN, TAKEN_OVER, TOPIC_INVALID = 0x89, 0x8B, 0x8E, 0x90
 QUOTA, PAYLOAD_INVALID = 0x97, 0x99
-RATE_TOO_HIGH, ADMINISTRATIVE, CONNECTION_RATE = 0x96, 0x98, 0x9F  # rate limits, revocation (scale-out.md)
-CLOSE_REASONS = {"taken_over": TAKEN_OVER, "revoked": ADMINISTRATIVE}  # close_device: reason -> DISCONNECT code
+RATE_TOO_HIGH, CONNECTION_RATE = 0x96, 0x9F  # rate limit, blocked address (docs/scale-out.md)
 
 _OUTCOME_V5 = {
     Outcome.DELIVERED: OK,
@@ -114,7 +113,6 @@ class MqttServer:
         self.latency = api.metrics.ack_latency.labels(transport=MQTT.value)
         self.auth_log = Throttle(log, period_s=60.0)
         self.headroom = max(1, min(ROOM_HEADROOM, s.queue_max_records // 10))
-        self.connect_listeners: list[Callable[[DeviceIdentity], object]] = []  # e.g. Redis session take-over
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -141,13 +139,6 @@ class MqttServer:
     def ports(self) -> list[int]:
         """Bound ports, plain first (tests bind port 0)."""
         return [listener.sockets[0].getsockname()[1] for listener in self._listeners if listener.sockets]
-
-    def close_device(self, device_id: str, reason: str) -> None:
-        """Revoked (DISCONNECT 0x98) or connected to another instance (0x8E): close its connection here."""
-        connection = self.sessions.get(device_id)
-        if connection is not None:
-            log.info("MQTT session of device %s closed: %s", device_id, reason)
-            connection.shut(CLOSE_REASONS.get(reason, ADMINISTRATIVE), reason.replace("_", " "))
 
     def stop_accepting(self) -> None:
         for listener in self._listeners:
@@ -201,6 +192,7 @@ class MqttConnection(asyncio.Protocol):
         "_codes",
         "_counted",
         "_device",
+        "_downlink",
         "_drained",
         "_loop",
         "_paused",
@@ -233,6 +225,7 @@ class MqttConnection(asyncio.Protocol):
         self._auth_task: asyncio.Task[None] | None = None
         self._drained: asyncio.Future[None] | None = None
         self._backlog: deque[Any] | None = None  # events held while the pipeline has no room
+        self._downlink: MqttDownlink | None = None  # RPC and shared attributes (mqtt/downlink.py)
 
     # --- asyncio callbacks ----------------------------------------------------------------------------
 
@@ -247,6 +240,8 @@ class MqttConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         now = self._loop.time()
         events = self._session.receive_data(data, now)
+        if self._downlink is not None:  # every read is activity, PINGREQ included (one call per read)
+            self._downlink.activity()
         if self._backlog is None and self._api.pipeline.has_room(len(events) + self._server.headroom):
             for event in events:  # the common case: room for everything this read brought
                 if type(event) is Publish:
@@ -269,8 +264,8 @@ class MqttConnection(asyncio.Protocol):
             self._connect(event.connect)
         elif type(event) is ConnectionTerminated:
             log.debug("MQTT connection ended: %s (0x%02x)", event.detail, event.reason_code)
-        # Subscribed / Unsubscribed / PubAckReceived: the session keeps the subscriptions; downlink delivery
-        # tracking comes with server-side RPC
+        elif self._downlink is not None:  # Subscribed / Unsubscribed / PubAckReceived
+            self._downlink.event(event)
 
     def _work_backlog(self, now: float) -> None:
         backlog = self._backlog
@@ -318,6 +313,9 @@ class MqttConnection(asyncio.Protocol):
             self._auth_task.cancel()
         self._acks.clear()
         self._backlog = None
+        if self._downlink is not None:
+            self._downlink.ended()  # the device's disconnect, unless it has another connection
+            self._downlink = None
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
 
@@ -407,15 +405,18 @@ class MqttConnection(asyncio.Protocol):
         if old is not None and old is not self:
             log.info("MQTT session of device %s taken over by a new connection", device.name)
             old.shut(TAKEN_OVER, "session taken over")
-        for listener in server.connect_listeners:
-            listener(device)
         log.debug("MQTT device %s connected (protocol level %d)", device.name, connect.version)
         assigned = device.id if self._v5 and not connect.client_id else None
         events = self._session.accept(assigned)
+        if self._api.downlink is not None:
+            self._downlink = MqttDownlink(self, device, self._api.downlink)
+            self._api.downlink.attach(self._downlink)  # the device's connect
         self.resume(AUTH)
         now = self._loop.time()
-        for event in events:
-            if type(event) is Publish and not self._closing:
+        for event in events:  # what arrived before the CONNACK
+            if type(event) is not Publish:
+                self._event(event)  # a SUBSCRIBE reaches the downlink
+            elif not self._closing:
                 self._publish(event, now)
         self._arm_timer()
 
@@ -485,19 +486,34 @@ class MqttConnection(asyncio.Protocol):
         except PayloadError as exc:
             self._refuse_payload(packet, now, str(exc))
             return
-        if method == "getSessionLimits":
-            body = orjson.dumps(self._api.session_limits())
-        else:
-            body = json_error(f"unsupported client-side RPC method: {method}")
-        self._session.publish(f"{target.response_prefix}{target.request_id}", body)
+        topic = f"{target.response_prefix}{target.request_id}"
+        hub = self._api.downlink
+        if method == "getSessionLimits" or hub is None:
+            body = orjson.dumps(self._api.session_limits()) if method == "getSessionLimits" else None
+            self._session.publish(topic, body or json_error(f"unsupported client-side RPC method: {method}"))
+        else:  # to the backend; the answer (or {"error":"timeout"}) goes out on the response topic
+            assert self._device is not None
+            reply = hub.client_rpc(self._device, MQTT, method, _params)
+            reply.add_done_callback(lambda done: self.send_downlink(topic, orjson.dumps(done.result())))
         if packet.qos:
             self._acks.add(packet.packet_id, OK, now)
 
     def _rpc_response(self, packet: Publish, target: Target, now: float) -> None:
-        # no server-side RPC is ever pending yet (the downlink issue routes these): acknowledged, dropped
-        log.debug("MQTT RPC response on %s with no pending request", packet.topic)
+        """The device's reply to a server-side RPC (spec §1.8); acknowledged even when nothing waits for it."""
+        hub = self._api.downlink
+        if hub is None or target.request_id < 0 or self._device is None:
+            log.debug("MQTT RPC response on %s matches no request", packet.topic[:128])
+        elif not hub.rpc_replied(self._device.id, target.request_id, packet.payload):
+            log.debug("MQTT RPC response on %s matches no pending request", packet.topic[:128])
         if packet.qos:
             self._acks.add(packet.packet_id, OK, now)
+
+    def send_downlink(self, topic: str, payload: bytes) -> int | None:
+        """Write a downlink PUBLISH now; its packet id (0 for QoS 0), or None when it cannot be sent."""
+        if self._transport is None or self._closing or not self._session.publish(topic, payload):
+            return None
+        self._flush()
+        return self._session.last_packet_id
 
     # --- answers, backpressure, timers -------------------------------------------------------------------
 

@@ -139,6 +139,7 @@ class Session:
         self._last_received = now
         self._connect_deadline = now + limits.connect_timeout_s
         self._next_packet_id = 0
+        self.last_packet_id = 0  # of the last downlink ``publish`` wrote (0 for QoS 0): matches its PUBACK
 
     # --- input ----------------------------------------------------------------------------------------
 
@@ -315,6 +316,7 @@ class Session:
         if self.client_max_packet is not None and len(data) > self.client_max_packet:
             return False
         self._out.append(data)
+        self.last_packet_id = packet_id
         return True
 
     def close(self, reason_code: int, detail: str) -> ConnectionTerminated:

@@ -13,6 +13,7 @@ class Outcome(enum.StrEnum):
     """What became of a record (or a whole device message: its worst record)."""
 
     DELIVERED = "delivered"  # durable: sink confirmed it, or fsynced in the spool
+    RATE_LIMITED = "rate_limited"  # the device is over a per-device rate limit: refused before admission
     QUEUE_FULL = "queue_full"  # pipeline at its bound: refused before anything was stored
     SPOOL_FULL = "spool_full"  # backend down and the spool at its cap
     REJECTED = "rejected"  # the backend will never take it (too large for the topic, ...)
