@@ -54,7 +54,10 @@ def throughput(seconds: float) -> list[dict[str, Any]]:
         gw = gateway()
         gw.start()
         try:
-            ours = run_load(*load, "-addr", f"127.0.0.1:{gw.mqtt_port}", "-token", TOKEN, "-devices", str(conns))
+            target = ["-addr", f"127.0.0.1:{gw.mqtt_port}", "-token", TOKEN, "-devices", str(conns)]
+            ours = run_load(*load, *target)
+            if inflight > 1:  # DESIGN.md §7: latency from send to PUBACK at half the maximum rate
+                half = run_load(*load, *target, "-rate", str(max(1.0, ours["rate_per_s"] / 2)))
         finally:
             gw.stop()
         rows.append(
@@ -66,6 +69,16 @@ def throughput(seconds: float) -> list[dict[str, Any]]:
                 "ratio": ours["rate_per_s"] / reference["rate_per_s"] if reference["rate_per_s"] else 0.0,
             }
         )
+        if inflight > 1:
+            rows.append(
+                {
+                    "scenario": f"mqtt qos1 {conns}x{inflight} at half max ({half['rate_per_s']:,.0f}/s): latency",
+                    "gateway": half,
+                    "reference": None,
+                    "reference_name": "-",
+                    "ratio": None,
+                }
+            )
     return rows
 
 

@@ -85,24 +85,19 @@ func mqttWorker(addr, token string, version, n, inflight int, payload []byte, c 
 	}
 	defer conn.Close()
 	pkt, idAt := publishPacket(version, payload)
+	if pace != nil {
+		return mqttPaced(conn, r, pkt, idAt, inflight, c, lat, measuring, stop, pace)
+	}
 	sent := make([]time.Time, 65536)
 	next := 0
 	out := make([]byte, 0, len(pkt)*inflight)
 	queue := func(k int) {
 		now := time.Now()
 		for i := 0; i < k; i++ {
-			if pace != nil {
-				pace.wait()
-				now = time.Now()
-			}
 			next = next%65535 + 1
 			pkt[idAt], pkt[idAt+1] = byte(next>>8), byte(next)
 			sent[next] = now
 			out = append(out, pkt...)
-			if pace != nil { // open loop: each message leaves when due, not batched with the next ones
-				_, _ = conn.Write(out)
-				out = out[:0]
-			}
 		}
 	}
 	queue(inflight)
@@ -191,4 +186,66 @@ func runIdle(addr, token string, version, n, devices int, hold time.Duration) in
 		c.Close()
 	}
 	return 0
+}
+
+// mqttPaced is the open-loop variant for latency runs: a sender writes each PUBLISH when it is due (window
+// permitting) while a reader takes PUBACKs as they come, so the generator never delays an ack it measures.
+func mqttPaced(conn net.Conn, r *bufio.Reader, pkt []byte, idAt, inflight int, c *counters, lat *latencies,
+	measuring, stop *atomic.Bool, pace *pacer) error {
+	var sent [65536]atomic.Int64
+	window := make(chan struct{}, inflight)
+	for i := 0; i < inflight; i++ {
+		window <- struct{}{}
+	}
+	go func() {
+		next := 0
+		for !stop.Load() {
+			<-window
+			pace.wait()
+			next = next%65535 + 1
+			pkt[idAt], pkt[idAt+1] = byte(next>>8), byte(next)
+			sent[next].Store(time.Now().UnixNano())
+			if _, err := conn.Write(pkt); err != nil {
+				return
+			}
+		}
+	}()
+	samples := make([]time.Duration, 0, 4096)
+	for !stop.Load() {
+		_ = conn.SetReadDeadline(time.Now().Add(time.Second))
+		head, err := r.ReadByte()
+		if err != nil {
+			if ne, ok := err.(net.Error); ok && ne.Timeout() {
+				continue
+			}
+			return err
+		}
+		length, err := r.ReadByte()
+		if err != nil {
+			return err
+		}
+		body := make([]byte, length)
+		if _, err := ioReadFull(r, body); err != nil {
+			return err
+		}
+		if head&0xF0 != 0x40 {
+			continue
+		}
+		id := int(body[0])<<8 | int(body[1])
+		if measuring.Load() {
+			samples = append(samples, time.Duration(time.Now().UnixNano()-sent[id].Load()))
+		}
+		if length > 2 && body[2] >= 0x80 {
+			c.refused.Add(1)
+		} else {
+			c.acked.Add(1)
+		}
+		window <- struct{}{}
+		if len(samples) >= 4000 {
+			lat.add(samples)
+			samples = samples[:0]
+		}
+	}
+	lat.add(samples)
+	return nil
 }

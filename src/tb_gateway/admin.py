@@ -76,6 +76,7 @@ class AdminServer:
         self._port = port
         self._server: asyncio.Server | None = None
         self._stopped = asyncio.Event()
+        self.shared_listeners: list[Callable[[str, dict[str, Any]], object]] = []  # e.g. to other instances
         self._routes: dict[tuple[str, str], Callable[[Any], Awaitable[Answer]]] = {
             ("POST", "/api/rpc"): self._rpc,
             ("POST", "/api/attributes"): self._attributes,
@@ -166,12 +167,12 @@ class AdminServer:
             isinstance(timeout_ms, bool) or not isinstance(timeout_ms, int) or timeout_ms <= 0
         ):
             raise PayloadError("'timeout_ms' must be a positive integer")
-        request, outcome = self._downlink.send_rpc(
+        _request, outcome = self._downlink.send_rpc(
             device.id, method, body.get("params"), oneway=oneway, timeout_ms=timeout_ms, device=device.identity
         )
         result = await outcome
         return _RPC_HTTP_STATUS[result.status], {
-            "id": request.id,
+            "id": result.request.id,  # the holder's id when another process delivered it (downlink/router.py)
             "status": result.status.value,
             "response": result.response,
         }
@@ -180,7 +181,10 @@ class AdminServer:
         device = self._registry.by_name(str(body.pop("device", "")))
         if device is None:
             return 404, {"error": "no such device"}
-        return 200, {"pushed": self._downlink.change_shared(device.id, parse_change(body))}
+        pushed = self._downlink.change_shared(device.id, parse_change(body))
+        for listener in self.shared_listeners:
+            listener(device.id, body)
+        return 200, {"pushed": pushed}
 
     def _device(self, name: str) -> Answer:
         device = self._registry.by_name(name)

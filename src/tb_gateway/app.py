@@ -13,6 +13,7 @@ import gc
 import logging
 import signal
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +36,7 @@ from tb_gateway.sinks.store import StoreSink
 from tb_gateway.workers import report_ready, watch_supervisor
 
 if TYPE_CHECKING:
+    from tb_gateway.downlink.router import Router
     from tb_gateway.redis_cache import RedisCache
 
 log = logging.getLogger("tb_gateway")
@@ -93,13 +95,38 @@ def build_sources(settings: Settings, registry: Registry, metrics: Metrics | Non
     return sources
 
 
-def build_downlink_sources(settings: Settings, downlink: Downlink, metrics: Metrics) -> list[DownlinkSource]:
+def build_downlink_sources(
+    settings: Settings, downlink: Downlink, metrics: Metrics, router: Router | None = None
+) -> list[DownlinkSource]:
     """Kafka's downlink topics when Kafka is on; the admin API (always there, localhost) serves the CLI."""
     if not (settings.kafka_enabled and settings.kafka_downlink_enabled):
         return []
     from tb_gateway.downlink.kafka_source import KafkaDownlinkSource
 
-    return list(KafkaDownlinkSource.from_settings(settings, downlink, metrics))
+    name = None if router is None else process_name(settings)
+    return list(KafkaDownlinkSource.from_settings(settings, downlink, metrics, router, name))
+
+
+def process_name(settings: Settings) -> str:
+    """Stable for a DATA_DIR (one instance) and a worker index: names this process's own consumer group,
+    which must survive restarts (a new name would re-read the shared-attribute topic and leave groups behind)."""
+    name = instance_name(settings)
+    return name if settings.worker_index is None else f"{name}-worker-{settings.worker_index}"
+
+
+def instance_name(settings: Settings) -> str:
+    """The instance's id, kept in DATA_DIR/instance-id (the workers of an instance share it)."""
+    path = settings.data_dir / "instance-id"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # the first worker to start names the instance; the others read it
+    with contextlib.suppress(FileExistsError), path.open("x") as created:
+        created.write(uuid.uuid4().hex[:12])
+    for _ in range(50):
+        name = path.read_text().strip()
+        if name:
+            break
+        time.sleep(0.01)  # another worker is writing it
+    return name
 
 
 def build_servers(settings: Settings, api: DeviceApi, health: Health) -> list[Server]:
@@ -151,8 +178,11 @@ class Gateway:
         self.api.downlink = self.downlink
         self.session_closers.append(self._close_downlink_sessions)
         self.downlink.connect_listeners.append(self._device_connected)
+        self.router = _router(self)
         self.admin = AdminServer.from_settings(settings, self.downlink, self.registry)
-        self.downlink_sources = build_downlink_sources(settings, self.downlink, self.metrics)
+        if self.router is not None and not settings.worker_index:  # the CLI tells every worker; one tells the rest
+            self.admin.shared_listeners.append(self.router.share)
+        self.downlink_sources = build_downlink_sources(settings, self.downlink, self.metrics, self.router)
         self.servers = build_servers(settings, self.api, self.health)
         self._stop = asyncio.Event()
 
@@ -212,6 +242,8 @@ class Gateway:
                 downlink += [tasks.create_task(src.run(), name=src.name) for src in self.downlink_sources]
                 if self.redis is not None:
                     tasks.create_task(self.redis.run(), name="redis")
+                if self.router is not None:
+                    downlink.append(tasks.create_task(self.router.run(), name="downlink-router"))
                 for server in self.servers:
                     await server.start()
                 _tune_gc()
@@ -252,6 +284,8 @@ class Gateway:
             pipeline_task.cancel()
         await self.sink.close()
         await self.auth.close()
+        if self.router is not None:
+            await self.router.aclose()
         if self.redis is not None:
             await self.redis.close()
         for task in others:
@@ -283,6 +317,15 @@ def _redis(settings: Settings, gateway: Gateway) -> RedisCache | None:
         on_taken_over=lambda device_id: gateway.close_sessions(device_id, "taken_over"),
         on_reconnected=lambda: gateway.auth.invalidate(),
     )
+
+
+def _router(gateway: Gateway) -> Router | None:
+    """REDIS_URL set -> server-side RPCs and client-RPC replies reach the process holding the device."""
+    if gateway.redis is None:
+        return None
+    from tb_gateway.downlink import router
+
+    return router.build(gateway.downlink, gateway.redis, instance_name(gateway.settings))
 
 
 def _start_metrics(settings: Settings, metrics: Metrics) -> Any:
@@ -332,6 +375,14 @@ def run(settings: Settings) -> None:
 
     if settings.workers > 1 and settings.worker_index is None:
         from tb_gateway.workers import supervise
+
+        if not settings.redis_url:
+            log.warning(
+                "WORKERS=%d without REDIS_URL: a server-side RPC reaches its device only if the worker that reads "
+                "it holds the device (tb-gateway rpc finds the holder itself); set REDIS_URL to route between "
+                "workers (docs/scale-out.md)",
+                settings.workers,
+            )
 
         code = supervise(settings)
         if code:

@@ -6,9 +6,10 @@ Otherwise ``submit`` returns a future that resolves once the sink has made every
 then may the transport acknowledge the device (DESIGN.md §4).
 
 When a batch leaves (docs/pipeline.md):
-- at once when the sink has nothing in flight — a lone message on an idle gateway never lingers;
-- otherwise when it reaches ``batch_size``, when ``batch_timeout_s`` has passed since the batcher started
-  filling it, or when the sink becomes idle, whichever comes first. Batches therefore grow with load
+- at once when the sink has a spare delivery slot besides the one this batch takes — so a lone message on an
+  idle gateway never lingers;
+- otherwise (the sink is busy) when it reaches ``batch_size``, when ``batch_timeout_s`` has passed since the
+  batcher started filling it, or when a slot frees, whichever comes first. Batches therefore grow with load
   (natural batching) and latency stays low when traffic is light.
 """
 
@@ -63,6 +64,7 @@ class Pipeline:
         self._wakeup = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
+        self._max_in_flight = sink.max_in_flight
         self._slots = asyncio.Semaphore(sink.max_in_flight)
         self._in_flight = 0
         self._closing = False
@@ -128,13 +130,21 @@ class Pipeline:
                 self._in_flight += 1
                 deliveries.create_task(self._deliver(batch))
 
+    def _sink_busy(self) -> bool:
+        """Busy = every other delivery slot is taken: the batch about to leave would be the last in flight.
+
+        A sink with one slot (the embedded store) is never busy once the batcher holds the slot; a sink with
+        several (Kafka) takes small batches in parallel while it has spare slots, so latency stays low.
+        """
+        return self._in_flight > 0 and self._in_flight >= self._max_in_flight - 1
+
     async def _linger(self) -> None:
-        """While the sink is busy, let the batch fill up to its size, its timeout or until the sink is idle."""
-        if self._in_flight == 0 or self._closing or len(self._queue) >= self._batch_size:
+        """While the sink is busy, let the batch fill up to its size, its timeout or until a slot frees."""
+        if not self._sink_busy() or self._closing or len(self._queue) >= self._batch_size:
             return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._batch_timeout_s
-        while len(self._queue) < self._batch_size and self._in_flight > 0 and not self._closing:
+        while len(self._queue) < self._batch_size and self._sink_busy() and not self._closing:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return

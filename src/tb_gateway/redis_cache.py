@@ -111,7 +111,21 @@ class RedisCache:
             f"{prefix}sessions": self._session_elsewhere,
         }
         self._closed = asyncio.Event()
+        self.up_listeners: list[Callable[[], object]] = []  # every (re)connection, the first included
         metrics.redis_up.set(0)
+
+    def listen(self, channel: str, handler: Callable[[bytes], None]) -> None:
+        """Also subscribe to ``channel`` (before ``run``): the downlink router's per-process channel."""
+        self._handlers[channel] = handler
+
+    @property
+    def client(self) -> Redis:
+        """The connection, for other users of the same Redis (the downlink router); check ``up`` first."""
+        return self._redis
+
+    def failed(self, exc: BaseException) -> None:
+        """Another user's command failed: Redis counts as down until the subscriber reaches it again."""
+        self._down(exc)
 
     # --- SharedCache (auth.py) ---------------------------------------------------------------------------
 
@@ -259,6 +273,8 @@ class RedisCache:
         else:
             log.info("Redis connected: shared credential cache at %s", _safe(self.url))
         self._ever_up = True
+        for listener in self.up_listeners:
+            listener()
 
     def _down(self, exc: BaseException) -> None:
         if self._closed.is_set():

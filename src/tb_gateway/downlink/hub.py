@@ -73,7 +73,12 @@ class Downlink:
         clock_ms: Callable[[], int] = _now_ms,
     ) -> None:
         self.sessions = SessionRegistry()
+        self.instance = instance  # this process's id: client-RPC ids start with it, the router names it so
         self.connect_listeners: list[Callable[[DeviceIdentity], object]] = []  # e.g. Redis session take-over
+        # the cross-process router (downlink/router.py): the device's first session here / its last one gone,
+        # and a server-side RPC queued for a device that no session here holds
+        self.hold_listeners: list[Callable[[DeviceIdentity, bool], object]] = []
+        self.unheld_rpc_listeners: list[Callable[[str], object]] = []
         self.rpc = RpcManager(self.sessions, max_pending_per_device=rpc_max_pending_per_device)
         self.client_rpc_table = ClientRpcTable(
             instance, timeout_ms=client_rpc_timeout_ms, max_pending=client_rpc_max_pending
@@ -127,7 +132,11 @@ class Downlink:
 
     def attach(self, session: DownlinkSession) -> None:
         """A session is live (MQTT: after CONNACK). A connection's attach is the device's connect."""
+        first = not self.sessions.holds(session.device.id)
         self.sessions.attach(session)
+        if first:
+            for hold in self.hold_listeners:
+                hold(session.device, True)
         self._identities[session.device.id] = session.device
         if session.connection:
             self._state(self.state.connected(session.device, session.transport, self._clock_ms()))
@@ -142,6 +151,9 @@ class Downlink:
         self._report(self.rpc.session_closed(session, now))
         if session.connection:
             self._state(self.state.disconnected(session.device, session.transport, now))
+        if not self.sessions.holds(session.device.id):
+            for hold in self.hold_listeners:
+                hold(session.device, False)
 
     def subscribe(self, session: DownlinkSession, feature: Feature) -> None:
         """The session wants ``feature``; subscribing to RPC delivers what is pending."""
@@ -237,7 +249,21 @@ class Downlink:
         self._rpc_waiters[(device_id, request.id)] = future
         self._report(outcomes)
         self._wake.set()
+        if not future.done() and not self.sessions.holds(device_id):
+            for unheld in self.unheld_rpc_listeners:
+                unheld(device_id)
         return request, future
+
+    def hand_off(self, device_id: str) -> list[tuple[RpcRequest, asyncio.Future[RpcOutcome] | None]]:
+        """The device is held by another process: take out its waiting requests (and their waiters) for the
+        router to send there. Nothing while a session here holds the device: it is delivered here."""
+        if self._closed or self.sessions.holds(device_id):
+            return []
+        taken = self.rpc.take_waiting(device_id)
+        return [(request, self._rpc_waiters.pop((device_id, request.id), None)) for request in taken]
+
+    def identity(self, device_id: str) -> DeviceIdentity:
+        return self._identity(device_id)
 
     def change_shared(self, device_id: str, change: SharedChange) -> dict[str, Any] | None:
         message, pushed = self.shared.apply(device_id, change)

@@ -17,7 +17,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from confluent_kafka import Consumer, KafkaError, Message
@@ -29,6 +29,9 @@ from tb_gateway.errors import PayloadError
 from tb_gateway.logs import Throttle
 from tb_gateway.metrics import Metrics
 from tb_gateway.records import DeviceIdentity
+
+if TYPE_CHECKING:
+    from tb_gateway.downlink.router import Router
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +65,10 @@ class KafkaDownlinkSource:
         group_id: str,
         topics: DownlinkTopics,
         extra_config: Mapping[str, Any] | None = None,
+        router: Router | None = None,
     ) -> None:
         self._downlink = downlink
+        self._router = router
         self._metrics = metrics
         self._group = group_id
         handlers: dict[str | None, Callable[[str, bytes | None], str]] = {
@@ -89,13 +94,27 @@ class KafkaDownlinkSource:
         self._invalid_log = Throttle(log, period_s=60.0)
 
     @classmethod
-    def from_settings(cls, settings: Settings, downlink: Downlink, metrics: Metrics) -> list[KafkaDownlinkSource]:
+    def from_settings(
+        cls,
+        settings: Settings,
+        downlink: Downlink,
+        metrics: Metrics,
+        router: Router | None = None,
+        process_name: str | None = None,
+    ) -> list[KafkaDownlinkSource]:
         """One consumer for the three topics; with WORKERS=N each worker also reads shared attributes and
         client-RPC replies with a group of its own (every worker needs every shared attribute; a reply is
         taken by the worker whose id it carries), while server-side RPCs stay in the shared group, read once
-        (docs/downlink.md, "More than one process")."""
+        (docs/downlink.md, "More than one process"). With the Redis router (``process_name``: stable for a
+        DATA_DIR and worker index) replies are read once too and routed by their id, and shared attributes
+        are read by every process of every instance in a group named after it."""
         s, group = settings, settings.kafka_downlink_group_id
-        if s.worker_index is None:
+        if router is not None and process_name is not None:
+            split = [
+                (group, DownlinkTopics(s.kafka_topic_server_rpc, None, s.kafka_topic_client_rpc_replies)),
+                (f"{group}-{process_name}", DownlinkTopics(None, s.kafka_topic_shared_attributes, None)),
+            ]
+        elif s.worker_index is None:
             split = [
                 (
                     group,
@@ -113,7 +132,9 @@ class KafkaDownlinkSource:
                 ),
             ]
         return [
-            cls(downlink, metrics, bootstrap_servers=s.kafka_bootstrap_servers, group_id=g, topics=topics)
+            cls(
+                downlink, metrics, bootstrap_servers=s.kafka_bootstrap_servers, group_id=g, topics=topics, router=router
+            )
             for g, topics in split
         ]
 
@@ -186,9 +207,11 @@ class KafkaDownlinkSource:
         request_id = body.get("id")
         if not isinstance(request_id, str) or "response" not in body:
             raise PayloadError('expected {"id": "<the request\'s id>", "response": ...}')
-        if not self._downlink.owns_client_rpc(request_id):
-            return "other_worker"  # WORKERS=N: every worker reads the replies; the one it names takes it
         device_id = key or body.get("device_id")
+        if not self._downlink.owns_client_rpc(request_id):
+            if self._router is not None and self._router.client_reply(request_id, body["response"], device_id):
+                return "forwarded"  # to the process whose id the request id carries
+            return "other_worker"  # WORKERS=N without Redis: every worker reads the replies; the one it names takes it
         matched = self._downlink.client_rpc_reply(request_id, body["response"], device_id or None)
         return "applied" if matched else "unmatched"
 

@@ -177,6 +177,36 @@ class RpcManager:
                 outcomes += self._offer(pending, now)
         return outcomes
 
+    # --- to another process (downlink/router.py) ---
+
+    def take_waiting(self, device_id: str) -> list[RpcRequest]:
+        """Remove and return the device's requests no session holds (never sent, or given back by a closed
+        session): they move to the process that holds the device, which reports their outcomes from then on.
+        Nothing is reported here: none of them had an outcome yet."""
+        device = self._devices.get(device_id)
+        if device is None:
+            return []
+        taken = [p.request for p in device.pending.values() if p.state is _State.WAITING]
+        for request in taken:
+            del device.pending[request.id]
+        self.pending -= len(taken)
+        return taken
+
+    def waiting_devices(self) -> list[str]:
+        """Devices with requests that no session holds."""
+        return [
+            device_id
+            for device_id, device in self._devices.items()
+            if any(p.state is _State.WAITING for p in device.pending.values())
+        ]
+
+    def waiting_until(self, device_id: str) -> int | None:
+        """The latest expiry of the device's waiting requests."""
+        device = self._devices.get(device_id)
+        if device is None:
+            return None
+        return max((p.request.expires_at for p in device.pending.values() if p.state is _State.WAITING), default=None)
+
     # --- time ---
 
     def next_deadline(self) -> int | None:
