@@ -6,7 +6,7 @@ import socket
 import time
 from typing import Any
 
-from bench.common import SERVER_CORE, free_port, pinned, process, register_devices, run_load, tempdir
+from bench.common import SERVER_CORE, free_port, pinned, process, register_devices, result_row, run_load, tempdir
 from tests.gateway_process import GatewayProcess
 
 TOKEN = "BENCH_TOKEN"
@@ -28,12 +28,4 @@ def throughput(seconds: float) -> list[dict[str, Any]]:
         ours = run_load(*load, "-addr", f"127.0.0.1:{gw.coap_port}", "-token", TOKEN, "-devices", str(SOCKETS))
     finally:
         gw.stop()
-    return [
-        {
-            "scenario": f"coap con post {SOCKETS}x{INFLIGHT}",
-            "gateway": ours,
-            "reference": reference,
-            "reference_name": "libcoap coap-server-notls",
-            "ratio": ours["rate_per_s"] / reference["rate_per_s"] if reference["rate_per_s"] else 0.0,
-        }
-    ]
+    return [result_row(f"coap con post {SOCKETS}x{INFLIGHT}", ours, reference, "libcoap coap-server-notls")]

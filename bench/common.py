@@ -119,3 +119,19 @@ def register_devices(data_dir: Path, token_prefix: str, count: int) -> None:
                 registry.add(f"bench-{n}", token=f"{token_prefix}-{n}")
     finally:
         registry.close()
+
+
+def result_row(
+    scenario: str, ours: dict[str, Any], reference: dict[str, Any] | None = None, reference_name: str = "-"
+) -> dict[str, Any]:
+    """One row of the results table: the gateway's figures, and the reference's with the ratio when there is one."""
+    ratio = None
+    if reference is not None:
+        ratio = ours["rate_per_s"] / reference["rate_per_s"] if reference["rate_per_s"] else 0.0
+    return {
+        "scenario": scenario,
+        "gateway": ours,
+        "reference": reference,
+        "reference_name": reference_name,
+        "ratio": ratio,
+    }

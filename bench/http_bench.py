@@ -21,7 +21,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench.common import LOAD_CORE, SERVER_CORE, free_port, pinned, process, tempdir, wait_port
+from bench.common import LOAD_CORE, SERVER_CORE, free_port, pinned, process, result_row, tempdir, wait_port
 from tests.gateway_process import GatewayProcess
 
 TOKEN = "BENCH_HTTP_TOKEN_0001"
@@ -146,17 +146,8 @@ def throughput(seconds: float = 10.0) -> list[dict[str, Any]]:
     if confirmed < acknowledged:
         raise AssertionError(f"gateway answered {acknowledged} x 2xx but confirmed only {confirmed:.0f} records")
     ours, reference = best["gateway"], best["nginx"]
-    return [
-        {
-            "scenario": f"http keep-alive POST {CONNECTIONS} conns",
-            "gateway": ours,
-            "reference": reference,
-            "reference_name": "nginx",
-            "ratio": ours["rate_per_s"] / reference["rate_per_s"] if reference["rate_per_s"] else 0.0,
-            "rounds": runs,
-            "records_confirmed": confirmed,
-        }
-    ]
+    row = result_row(f"http keep-alive POST {CONNECTIONS} conns", ours, reference, "nginx")
+    return [{**row, "rounds": runs, "records_confirmed": confirmed}]
 
 
 def main() -> None:

@@ -9,16 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.common import SERVER_CORE, pinned, register_devices, run_load, tempdir
+from bench.common import SERVER_CORE, pinned, register_devices, result_row, run_load, tempdir
 from bench.http_bench import WRK_SCRIPT, wrk
 from tests.gateway_process import GatewayProcess
 from tests.harness.kafka import KafkaBroker
 
 TOKEN = "BENCH_KAFKA_TOKEN"
-
-
-def _row(scenario: str, ours: dict[str, Any]) -> dict[str, Any]:
-    return {"scenario": scenario, "gateway": ours, "reference": None, "reference_name": "-", "ratio": None}
 
 
 def throughput(seconds: float = 10.0) -> list[dict[str, Any]]:
@@ -44,13 +40,13 @@ def throughput(seconds: float = 10.0) -> list[dict[str, Any]]:
             script.write_text(WRK_SCRIPT)
             url = f"{gw.base_url}/api/v1/{TOKEN}/telemetry"
             wrk(url, script, 2.0, gw.proc.pid)  # warm-up: topic metadata, producer connections
-            rows.append(_row("http -> kafka, 50 conns", wrk(url, script, seconds, gw.proc.pid)))
+            rows.append(result_row("http -> kafka, 50 conns", wrk(url, script, seconds, gw.proc.pid)))
             mqtt = ["-mode", "mqtt", "-addr", f"127.0.0.1:{gw.mqtt_port}", "-token", TOKEN, "-devices", "50"]
             full = run_load(*mqtt, "-conns", "50", "-inflight", "100", "-duration", f"{seconds}s")
-            rows.append(_row("mqtt qos1 -> kafka, 50x100", full))
+            rows.append(result_row("mqtt qos1 -> kafka, 50x100", full))
             half = run_load(*mqtt, "-conns", "50", "-inflight", "100", "-duration", f"{seconds}s",
                             "-rate", str(max(1.0, full["rate_per_s"] / 2)))  # fmt: skip
-            rows.append(_row(f"mqtt qos1 -> kafka at {full['rate_per_s'] / 2:,.0f}/s (half max)", half))
+            rows.append(result_row(f"mqtt qos1 -> kafka at {full['rate_per_s'] / 2:,.0f}/s (half max)", half))
         finally:
             gw.stop()
     finally:

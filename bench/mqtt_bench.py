@@ -18,6 +18,7 @@ from bench.common import (
     pinned,
     process,
     register_devices,
+    result_row,
     rss_kib,
     run_load,
     tempdir,
@@ -60,25 +61,10 @@ def throughput(seconds: float) -> list[dict[str, Any]]:
                 half = run_load(*load, *target, "-rate", str(max(1.0, ours["rate_per_s"] / 2)))
         finally:
             gw.stop()
-        rows.append(
-            {
-                "scenario": f"mqtt qos1 {conns}x{inflight}",
-                "gateway": ours,
-                "reference": reference,
-                "reference_name": "mosquitto",
-                "ratio": ours["rate_per_s"] / reference["rate_per_s"] if reference["rate_per_s"] else 0.0,
-            }
-        )
+        rows.append(result_row(f"mqtt qos1 {conns}x{inflight}", ours, reference, "mosquitto"))
         if inflight > 1:
-            rows.append(
-                {
-                    "scenario": f"mqtt qos1 {conns}x{inflight} at half max ({half['rate_per_s']:,.0f}/s): latency",
-                    "gateway": half,
-                    "reference": None,
-                    "reference_name": "-",
-                    "ratio": None,
-                }
-            )
+            scenario = f"mqtt qos1 {conns}x{inflight} at half max ({half['rate_per_s']:,.0f}/s): latency"
+            rows.append(result_row(scenario, half))
     return rows
 
 

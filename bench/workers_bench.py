@@ -13,7 +13,7 @@ from __future__ import annotations
 import shutil
 from typing import Any
 
-from bench.common import run_load, tempdir
+from bench.common import result_row, run_load, tempdir
 from bench.http_bench import TOKEN as HTTP_TOKEN
 from bench.http_bench import WRK_SCRIPT, wrk
 from tests.gateway_process import GatewayProcess
@@ -56,15 +56,7 @@ def throughput(seconds: float = 10.0) -> list[dict[str, Any]]:
     rows = []
     for name, measure in (("mqtt qos1 50x100", _mqtt), ("http keep-alive 50", _http)):
         one, two = measure(1, seconds), measure(2, seconds)
-        rows.append(
-            {
-                "scenario": f"{name}, WORKERS=2 vs 1",
-                "gateway": two,
-                "reference": one,
-                "reference_name": "WORKERS=1",
-                "ratio": two["rate_per_s"] / one["rate_per_s"] if one["rate_per_s"] else 0.0,
-            }
-        )
+        rows.append(result_row(f"{name}, WORKERS=2 vs 1", two, one, "WORKERS=1"))
     return rows
 
 
