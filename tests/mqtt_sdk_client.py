@@ -22,6 +22,10 @@ def main() -> None:
         connected.set()
 
     client = TBDeviceMqttClient(host, port=port, username=token)
+    # The SDK stores the callback only after starting its network thread (tb_device_mqtt.connect), so a server
+    # that answers CONNECT fast enough sees the CONNACK handled before the callback exists, and it is never
+    # called. Set it first; connect() then sets the same one again.
+    client._TBDeviceMqttClient__connect_callback = on_connect
     client.connect(callback=on_connect)
     try:
         connected.wait(30)

@@ -50,6 +50,10 @@ def main() -> None:
 
     client.set_server_side_rpc_request_handler(on_server_rpc)
     client.subscribe_to_all_attributes(on_attributes)
+    # The SDK stores the callback only after starting its network thread (tb_device_mqtt.connect), so a server
+    # that answers CONNECT fast enough sees the CONNACK handled before the callback exists, and it is never
+    # called. Set it first; connect() then sets the same one again.
+    client._TBDeviceMqttClient__connect_callback = on_connect
     client.connect(callback=on_connect)
     try:
         if not connected.wait(30):

@@ -69,7 +69,10 @@ def test_thingsboard_sdk_downlink_from_kafka(kafka: KafkaBroker, gateway_factory
         def next_event(name: str) -> dict[str, Any]:
             while True:
                 line = sdk.stdout.readline()  # type: ignore[union-attr]
-                assert line, f"the SDK ended before {name}: {events}"
+                if not line or orjson.loads(line)["event"] == "error":
+                    sdk.kill()
+                    _, err = sdk.communicate()
+                    raise AssertionError(f"the SDK ended before {name}: {events} {line}\n{err[-3000:]}")
                 events.append(orjson.loads(line))
                 if events[-1]["event"] == name:
                     return events[-1]
