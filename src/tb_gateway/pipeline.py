@@ -39,9 +39,10 @@ class _Ticket:
         self.outcome = Outcome.DELIVERED
 
     def settle(self, outcome: Outcome) -> None:
-        self.outcome = worst(self.outcome, outcome)
+        if outcome is not Outcome.DELIVERED:
+            self.outcome = worst(self.outcome, outcome)
         self.pending -= 1
-        if self.pending == 0 and not self.future.done():
+        if not self.pending and not self.future.done():
             self.future.set_result(self.outcome)
 
 
