@@ -81,6 +81,8 @@ class GatewayProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"gateway exited with {self.proc.returncode}:\n{self.log()}")
             time.sleep(0.05)
+        self.proc.send_signal(signal.SIGUSR1)  # the gateway prints its threads' stacks: where is it stuck?
+        time.sleep(0.5)
         raise RuntimeError(f"gateway not ready within {timeout_s} s:\n{self.log()}")
 
     def log(self) -> str:

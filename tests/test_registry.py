@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 
+from tb_gateway.attributes import AttributeStore
 from tb_gateway.auth import AccessToken, MqttBasic
 from tb_gateway.errors import RegistryError
 from tb_gateway.registry import Registry, RegistryCredentials
@@ -98,3 +101,23 @@ def test_a_transaction_commits_all_or_nothing(tmp_path: Path) -> None:
         registry.add("fine", token="FINE")
         registry.add("bulk-1")  # duplicate name: the whole transaction is rolled back
     assert registry.by_name("fine") is None
+
+
+def _open_together(path: str, barrier: Any) -> None:
+    barrier.wait()
+    Registry(Path(path) / "registry.db").close()
+    AttributeStore(Path(path) / "attributes.db").close()
+
+
+def test_processes_creating_the_files_at_once_all_succeed(tmp_path: Path) -> None:
+    """WORKERS=N start side by side: switching a new file to WAL must not fail with "database is locked"
+    (SQLite refuses the second switch at once, without the busy timeout; it did ~1 in 10 starts)."""
+    ctx = multiprocessing.get_context("fork")
+    for attempt in range(60):
+        barrier = ctx.Barrier(3)
+        procs = [ctx.Process(target=_open_together, args=(str(tmp_path / str(attempt)), barrier)) for _ in range(3)]
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.join(30)
+        assert [proc.exitcode for proc in procs] == [0] * 3, f"attempt {attempt}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import gc
 import logging
 import signal
@@ -373,6 +374,8 @@ def _raise_fd_limit() -> None:
 def run(settings: Settings) -> None:
     import uvloop
 
+    # `kill -USR1 <pid>` prints every thread's stack to stderr: the way to see where a stuck process is
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     if settings.workers > 1 and settings.worker_index is None:
         from tb_gateway.workers import supervise
 

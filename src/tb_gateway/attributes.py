@@ -8,13 +8,14 @@ that was not acknowledged.
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import orjson
+
+from tb_gateway.sqlite_files import open_wal
 
 CLIENT = "client"
 SHARED = "shared"
@@ -33,10 +34,7 @@ CREATE TABLE IF NOT EXISTS attributes (
 
 class AttributeStore:
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db = open_wal(path, synchronous="NORMAL")
         self._db.executescript(_SCHEMA)
         self._cache: dict[tuple[str, str], dict[str, Any]] = {}
 

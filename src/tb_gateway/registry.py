@@ -19,6 +19,7 @@ from pathlib import Path
 from tb_gateway.auth import AccessToken, Credentials, MqttBasic
 from tb_gateway.errors import RegistryError
 from tb_gateway.records import DeviceIdentity
+from tb_gateway.sqlite_files import open_wal
 
 TOKEN_BYTES = 15  # 20 URL-safe characters, like ThingsBoard's generated access tokens
 
@@ -59,10 +60,7 @@ _COLUMNS = "id, name, type, token, client_id, username, password, created_at"
 
 class Registry:
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._db = open_wal(path, synchronous="FULL")
         self._db.executescript(_SCHEMA)
 
     def add(

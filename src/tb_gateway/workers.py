@@ -142,6 +142,15 @@ def _add(a: float, b: float) -> float:
     return a + b
 
 
+def _prepare_files(settings: Settings) -> None:
+    """Create the SQLite files (in WAL mode) before the workers open them all at once."""
+    from tb_gateway.attributes import AttributeStore
+    from tb_gateway.registry import Registry
+
+    Registry(settings.data_dir / "registry.db").close()
+    AttributeStore(settings.data_dir / "attributes.db").close()
+
+
 class Supervisor:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -191,6 +200,7 @@ class Supervisor:
         s = self.settings
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.request_stop)
+        _prepare_files(s)
         self.workers = [self._spawn(i) for i in range(s.workers)]
         try:
             if not self._await_ready():
