@@ -3,11 +3,11 @@
 FROM python:3.11-slim-bookworm
 
 RUN apt-get update \
- && apt-get install -y --no-install-recommends make \
+ && apt-get install -y --no-install-recommends make gcc libc6-dev \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/tb-gateway
-COPY pyproject.toml Makefile README.md ./
+COPY pyproject.toml setup.py Makefile README.md ./
 COPY src ./src
 RUN make install PYTHON=python3
 

@@ -3,11 +3,13 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+# setup.py builds the C fast path (src/tb_gateway/_speedups.c): a change to it reinstalls, which rebuilds it
+BUILD  := pyproject.toml setup.py src/tb_gateway/_speedups.c
+STAMP  := $(VENV)/.installed-$(shell cat $(BUILD) | sha1sum | cut -c1-12)
 
 .PHONY: install run test lint bench deps clean format
 
-$(STAMP): pyproject.toml
+$(STAMP): $(BUILD)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
@@ -28,8 +30,8 @@ deps: $(STAMP)
 	$(BIN)/python -m tests.harness.kafka fetch
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench setup.py
+	$(BIN)/ruff format --check src tests bench setup.py
 	$(BIN)/mypy
 
 test: deps lint
@@ -43,4 +45,4 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix src tests bench
 
 clean:
-	rm -rf $(VENV) .cache build *.egg-info
+	rm -rf $(VENV) .cache build *.egg-info src/tb_gateway/*.so

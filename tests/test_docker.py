@@ -36,7 +36,7 @@ def test_dockerfile_installs_with_the_makefile_step() -> None:
     assert make_prerequisites("install") == ["$(STAMP)"]
     assert "$(STAMP)" in make_prerequisites("run")  # `make run` installs exactly what the image installs
     copied = {part for op, args in instructions() if op == "COPY" for part in args.split()[:-1]}
-    assert {"pyproject.toml", "Makefile", "README.md", "src"} <= copied  # what pip needs to build the package
+    assert {"pyproject.toml", "setup.py", "Makefile", "README.md", "src"} <= copied  # what pip needs to build it
     assert all((ROOT / path).exists() for path in copied)
     assert ("CMD", '["run"]') in instructions()
 

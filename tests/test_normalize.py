@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import orjson
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tb_gateway import normalize
 from tb_gateway.errors import PayloadError
 from tb_gateway.normalize import ValueRules, attributes, key_list, telemetry
 
@@ -161,3 +163,77 @@ def test_arbitrary_bytes_never_escape_as_other_errors(data: bytes) -> None:
         attributes(data, CAST)
     except PayloadError:
         pass
+
+
+# --- the C fast path (_speedups.c) against the Python reference --------------------------------------------
+
+numeric_looking = st.sampled_from(["12", "-3.5", ".5", "5.", "-", "1.2.3", "٣", "0x1", "1e3", "", " 7", "-0"])
+tricky_values = st.one_of(
+    scalars,
+    numeric_looking,
+    st.none(),
+    st.floats(allow_nan=False, allow_infinity=False),  # integral doubles too: the fast path must step aside
+    st.integers(),  # beyond 64 bits too
+    st.text(max_size=12),
+    st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+)
+tricky_keys = st.one_of(keys, st.text(min_size=250, max_size=260))
+tricky_flat = st.dictionaries(tricky_keys, tricky_values, max_size=6)
+tricky_ts = st.one_of(
+    st.sampled_from([-1, 0, 7, 2**63 - 1, 2**63, 1.0, 1.5, -2.0, "7", " 8", "x", True, False, None]),
+    st.integers(0, 2**53),
+)
+tricky_item = st.one_of(
+    tricky_flat,
+    st.fixed_dictionaries({"ts": tricky_ts, "values": st.one_of(tricky_flat, st.integers())}),
+    st.fixed_dictionaries({"ts": tricky_ts}),
+    st.integers(),
+)
+tricky_document = st.one_of(tricky_item, st.lists(tricky_item, max_size=4), st.text(max_size=3))
+all_rules = st.builds(ValueRules, st.booleans(), st.sampled_from([0, 3, 10]))
+
+
+def _outcome(parse: Any, payload: bytes, *args: Any) -> Any:
+    try:
+        return parse(payload, *args)
+    except PayloadError as exc:
+        return ("refused", str(exc))
+
+
+def test_the_c_fast_path_is_built() -> None:
+    """`make test` builds it (setup.py); without it the properties below would compare Python with itself."""
+    assert normalize._speedups is not None
+
+
+# mostly what the fast path answers itself (one odd value sends a whole item to Python)
+plain_item = st.dictionaries(keys, st.one_of(scalars, st.none(), numeric_looking), max_size=4)
+plain_timestamped = st.fixed_dictionaries({"ts": tricky_ts, "values": plain_item})
+plain_document = st.one_of(plain_item, st.lists(st.one_of(plain_item, plain_timestamped), max_size=3))
+
+
+@settings(max_examples=1500)
+@given(st.one_of(plain_document, tricky_document), all_rules)
+def test_the_c_fast_path_reads_every_payload_as_the_python_rules_do(document: Any, rules: ValueRules) -> None:
+    payload = json.dumps(document).encode()  # the stdlib: integers beyond 64 bits too
+    fast = (_outcome(telemetry, payload, NOW, rules), _outcome(attributes, payload, rules))
+    speedups, normalize._speedups = normalize._speedups, None
+    try:
+        reference = (_outcome(telemetry, payload, NOW, rules), _outcome(attributes, payload, rules))
+    finally:
+        normalize._speedups = speedups
+    assert repr(fast) == repr(reference)  # repr: True, 1 and 1.0 are equal but must not be confused
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'{"t":25.5,"h":60,"ok":true,"s":"up","n":null}',
+        b'[{"ts":1700000000000,"values":{"a":1.5}},{"b":"x"},{"ts":5,"values":{}}]',
+        b'{"ts":1,"other":2}',
+    ],
+)
+def test_the_c_fast_path_answers_the_common_payloads_itself(payload: bytes) -> None:
+    assert normalize._speedups is not None
+    document = orjson.loads(payload)
+    assert normalize._speedups.telemetry(document, NOW, True, 0) == telemetry(payload, NOW, CAST)

@@ -101,20 +101,31 @@ class DeviceApi:
         return self.auth.cached(credentials, transport.value, address)
 
     def post(
-        self, device: DeviceIdentity, kind: RecordKind, payload: bytes, transport: Transport
+        self,
+        device: DeviceIdentity,
+        kind: RecordKind,
+        payload: bytes,
+        transport: Transport,
+        now_ms: int | None = None,
+        *,
+        activity_seen: bool = False,
     ) -> Outcome | asyncio.Future[Outcome]:
         """Normalize one device message and admit it to the pipeline.
 
         Raises ``PayloadError`` (already counted and logged) for a payload of the wrong syntax or shape.
         Returns an ``Outcome`` when answered at once (refused, or nothing to store), else a future that
-        resolves once every record is durable.
+        resolves once every record is durable. A transport that reads many messages at once passes the
+        read's ``now_ms``, and ``activity_seen`` when it already told the downlink about the read (MQTT).
         """
         self._received[transport].inc()
-        if self.downlink is not None:
-            self.downlink.activity(device, transport)
-        now = self._clock_ms()
+        now = self._clock_ms() if now_ms is None else now_ms
+        if self.downlink is not None and not activity_seen:
+            self.downlink.activity(device, transport, now)
         try:
-            groups = self._parsers[kind](payload, now)
+            if kind is RecordKind.TELEMETRY:
+                groups = telemetry(payload, now, self._rules)
+            else:
+                groups = self._parsers[kind](payload, now)
         except PayloadError as exc:
             self.refused(device, transport, "bad_payload", str(exc))
             raise
@@ -129,6 +140,10 @@ class DeviceApi:
         if kind is RecordKind.ATTRIBUTES:
             admitted.add_done_callback(lambda done: self._attributes_delivered(done, records))
         return admitted
+
+    def now_ms(self) -> int:
+        """The clock ``post`` stamps records with (a transport reading many messages at once asks it once)."""
+        return self._clock_ms()
 
     def _over_limit(
         self, device: DeviceIdentity, kind: RecordKind, records: list[Record], transport: Transport

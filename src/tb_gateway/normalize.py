@@ -8,9 +8,11 @@
   integral; with type cast on (ThingsBoard's default) numeric-looking strings become numbers; objects and
   arrays are kept as JSON; ``null`` is skipped.
 
-orjson parses every payload. Only when a payload holds a number whose type depends on how it was written
-(an integral double such as ``1e3`` or ``42.0``, more than 16 decimal places, beyond 64 bits) is it parsed again
-with the stdlib, keeping the literals — regexes over every payload cost more than orjson itself.
+orjson parses every payload, and ``_speedups.c`` types the values of the common payload; it answers None
+for anything it is not sure of, and the Python code below (the reference) takes over. Only when a payload
+holds a number whose type depends on how it was written (an integral double such as ``1e3`` or ``42.0``, more
+than 16 decimal places, beyond 64 bits) is it parsed again with the stdlib, keeping the literals: regexes
+over every payload cost more than orjson itself.
 """
 
 from __future__ import annotations
@@ -23,6 +25,11 @@ from typing import Any
 import orjson
 
 from tb_gateway.errors import PayloadError
+
+try:  # the C fast path for the common payload (setup.py builds it when a compiler is present)
+    from tb_gateway import _speedups
+except ImportError:  # pragma: no cover - a build without a C compiler runs the same rules in Python
+    _speedups = None  # type: ignore[assignment]
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_DECIMALS = 16
@@ -69,8 +76,13 @@ def _reject_constant(name: str) -> Any:
 
 def telemetry(payload: bytes, now_ms: int, rules: ValueRules) -> list[tuple[int, dict[str, Any]]]:
     """Telemetry payload -> ``[(ts, values), ...]`` in payload order; empty groups are dropped."""
+    document = parse_json(payload)
+    if _speedups is not None:
+        groups = _speedups.telemetry(document, now_ms, rules.type_cast, rules.max_string_length)
+        if groups is not None:
+            return groups
     try:
-        return _telemetry(parse_json(payload), now_ms, rules)
+        return _telemetry(document, now_ms, rules)
     except _NeedLiterals:
         return _telemetry(parse_json(payload, literals=True), now_ms, rules)
 
@@ -110,6 +122,10 @@ def attributes(payload: bytes, rules: ValueRules) -> dict[str, Any]:
 def _attributes(document: Any, rules: ValueRules) -> dict[str, Any]:
     if not isinstance(document, dict):
         raise PayloadError(f"attributes: expected a JSON object, got {_kind(document)}")
+    if _speedups is not None:
+        values = _speedups.values(document, rules.type_cast, rules.max_string_length)
+        if values is not None:
+            return values
     return typed_values(document, "attributes", rules)
 
 

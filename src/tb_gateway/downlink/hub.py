@@ -164,13 +164,14 @@ class Downlink:
     def unsubscribe(self, session: DownlinkSession, feature: Feature) -> None:
         self.sessions.unsubscribe(session, feature)
 
-    def activity(self, device: DeviceIdentity, transport: Transport) -> None:
+    def activity(self, device: DeviceIdentity, transport: Transport, now_ms: int | None = None) -> None:
         """Every message a device sends (and MQTT PINGREQ); cheap unless the device was inactive."""
+        now = self._clock_ms() if now_ms is None else now_ms
         known = self._states.get(device.id)
-        if known is not None and known.active:  # the hot path: one lookup, one clock read
-            known.last_activity = self._clock_ms()
+        if known is not None and known.active:  # the hot path: one lookup
+            known.last_activity = now
             return
-        events = self.state.activity(device, transport, self._clock_ms())
+        events = self.state.activity(device, transport, now)
         if events:
             self._identities[device.id] = device
             self._state(events)

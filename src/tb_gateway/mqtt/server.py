@@ -196,6 +196,8 @@ class MqttConnection(asyncio.Protocol):
         "_drained",
         "_loop",
         "_paused",
+        "_read_at",
+        "_read_ms",
         "_sampled",
         "_server",
         "_session",
@@ -226,6 +228,8 @@ class MqttConnection(asyncio.Protocol):
         self._drained: asyncio.Future[None] | None = None
         self._backlog: deque[Any] | None = None  # events held while the pipeline has no room
         self._downlink: MqttDownlink | None = None  # RPC and shared attributes (mqtt/downlink.py)
+        self._read_at = -1.0  # loop time of the read whose wall-clock time is _read_ms
+        self._read_ms = 0
 
     # --- asyncio callbacks ----------------------------------------------------------------------------
 
@@ -426,7 +430,17 @@ class MqttConnection(asyncio.Protocol):
         target = _FIXED.get(packet.topic) or topics.route(packet.topic, self._server.limits.max_topic_length)
         if target.action is _POST:
             try:
-                answer: Any = self._api.post(self._device, target.kind, packet.payload, MQTT)  # type: ignore[arg-type]
+                if now != self._read_at:  # one wall-clock reading per read, not per message
+                    self._read_at = now
+                    self._read_ms = self._api.now_ms()
+                answer: Any = self._api.post(
+                    self._device,  # type: ignore[arg-type]
+                    target.kind,  # type: ignore[arg-type]
+                    packet.payload,
+                    MQTT,
+                    self._read_ms,
+                    activity_seen=self._downlink is not None,  # data_received reported this read
+                )
             except PayloadError:
                 self._bad_payload(packet, now)  # counted and logged by post
                 return

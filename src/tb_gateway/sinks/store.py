@@ -42,7 +42,7 @@ class StoreSink:
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._last_error: str | None = None
-        self._templates: dict[tuple[DeviceIdentity, RecordKind, Transport], tuple[bytes, bytes]] = {}
+        self._templates: dict[tuple[int, RecordKind, Transport], tuple[DeviceIdentity, bytes, bytes]] = {}
         self.stored = 0
 
     async def start(self) -> None:
@@ -55,7 +55,8 @@ class StoreSink:
 
     async def deliver(self, batch: Sequence[Record]) -> Sequence[Outcome]:
         payloads = [self._encode(r) for r in batch]
-        kept = [p for p in payloads if len(p) <= MAX_PAYLOAD]  # never larger than MAX_PAYLOAD_SIZE in practice
+        oversized = max(map(len, payloads), default=0) > MAX_PAYLOAD  # never, with MAX_PAYLOAD_SIZE in force
+        kept = [p for p in payloads if len(p) <= MAX_PAYLOAD] if oversized else payloads
         if kept:
             try:
                 await self._call(lambda: self._log.append(kept))
@@ -64,6 +65,8 @@ class StoreSink:
                 raise RetriableSinkError(f"embedded store write failed: {exc}") from exc
         self._last_error = None
         self.stored += len(kept)
+        if not oversized:
+            return [Outcome.DELIVERED] * len(payloads)
         return [Outcome.DELIVERED if len(p) <= MAX_PAYLOAD else Outcome.REJECTED for p in payloads]
 
     async def close(self) -> None:
@@ -84,24 +87,28 @@ class StoreSink:
     def _encode(self, record: Record) -> bytes:
         """``orjson.dumps(record.to_dict())``, byte for byte, at a third of the cost: per device, kind and
         transport the constant parts are encoded once (this is most of the store's CPU per record)."""
-        key = (record.device, record.kind, record.transport)
+        device = record.device
+        # keyed by the identity object (hashing the dataclass costs more than the lookup); the entry keeps
+        # the object, so a recycled id() never matches another device's entry
+        key = (id(device), record.kind, record.transport)
         parts = self._templates.get(key)
-        if parts is None:
+        if parts is None or parts[0] is not device:
             if len(self._templates) >= TEMPLATES_MAX:
                 self._templates.clear()
-            d = record.device
-            head = {"device": d.name, "device_id": d.id, "device_type": d.type, "kind": record.kind.value}
+            head = {"device": device.name, "device_id": device.id, "device_type": device.type}
+            head["kind"] = record.kind.value
             parts = self._templates[key] = (
+                device,
                 orjson.dumps(head)[:-1] + b',"ts":',
                 b',"transport":' + orjson.dumps(record.transport.value) + b',"received_at":',
             )
         if type(record.ts) is not int or type(record.received_at) is not int:  # never, but %d would hide it
             return orjson.dumps(record.to_dict())
         return b'%b%d,"values":%b%b%d}' % (
-            parts[0],
+            parts[1],
             record.ts,
             orjson.dumps(record.values),
-            parts[1],
+            parts[2],
             record.received_at,
         )
 

@@ -1,0 +1,9 @@
+"""The optional C fast path for payload normalization (src/tb_gateway/_speedups.c).
+
+``optional=True``: where no C compiler is available the build goes on without it and normalize.py runs the
+same rules in Python (slower, identical results). Everything else about the package is in pyproject.toml.
+"""
+
+from setuptools import Extension, setup
+
+setup(ext_modules=[Extension("tb_gateway._speedups", ["src/tb_gateway/_speedups.c"], optional=True)])
