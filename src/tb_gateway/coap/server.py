@@ -222,14 +222,27 @@ class CoapServer:
             self.api.refused(None, COAP, "too_large")
             self._answer(exchange, Code.REQUEST_ENTITY_TOO_LARGE, options=self._too_large)
             return
-        self._run_eagerly(self._serve(exchange, path[2], handler))
+        credentials = AccessToken(path[2])
+        try:  # the hot path: a cached token is answered without a coroutine
+            known, device = self.api.authenticate_cached(credentials, COAP, exchange.addr[0])
+        except AddressBlocked as exc:
+            self._address_blocked(exchange, exc)
+            return
+        if known:
+            self._handle(exchange, handler, device)
+        else:
+            self._run_eagerly(self._serve(exchange, credentials, handler))
 
-    async def _serve(self, exchange: Exchange, token: str, handler: Handler) -> None:
+    def _address_blocked(self, exchange: Exchange, exc: AddressBlocked) -> None:
+        """Brute-force protection: "too many", with how long (docs/scale-out.md)."""
+        self.api.refused(None, COAP, "address_blocked")
+        self._answer(exchange, Code.TOO_MANY_REQUESTS, options=_max_age(exc.retry_after_s))
+
+    async def _serve(self, exchange: Exchange, credentials: AccessToken, handler: Handler) -> None:
         try:
-            device = await self.api.authenticate(AccessToken(token), COAP, exchange.addr[0])
-        except AddressBlocked as exc:  # brute-force protection: "too many", with how long (docs/scale-out.md)
-            self.api.refused(None, COAP, "address_blocked")
-            self._answer(exchange, Code.TOO_MANY_REQUESTS, options=_max_age(exc.retry_after_s))
+            device = await self.api.authenticate(credentials, COAP, exchange.addr[0])
+        except AddressBlocked as exc:
+            self._address_blocked(exchange, exc)
             return
         except CredentialsUnavailable:
             self.api.refused(None, COAP, "credentials_unavailable")
@@ -240,6 +253,9 @@ class CoapServer:
             self.api.metrics.errors.labels(component="coap").inc()
             self._answer(exchange, Code.INTERNAL_SERVER_ERROR)
             return
+        self._handle(exchange, handler, device)
+
+    def _handle(self, exchange: Exchange, handler: Handler, device: DeviceIdentity | None) -> None:
         if device is None:
             self._answer(exchange, Code.UNAUTHORIZED)
             return
