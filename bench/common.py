@@ -15,7 +15,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ RESULTS = ROOT / "bench" / "results"
 CACHE = ROOT / ".cache" / "bin"
 SERVER_CORE = "0"
 LOAD_CORE = "1"
+ROUNDS = 3  # alternated runs per comparison (median reported): single runs of mosquitto varied 89k-125k msg/s
 
 
 def pinned(core: str, *cmd: str) -> list[str]:
@@ -119,6 +120,21 @@ def register_devices(data_dir: Path, token_prefix: str, count: int) -> None:
                 registry.add(f"bench-{n}", token=f"{token_prefix}-{n}")
     finally:
         registry.close()
+
+
+def alternate(runs: dict[str, Callable[[], dict[str, Any]]], rounds: int = ROUNDS) -> dict[str, dict[str, Any]]:
+    """Each run ``rounds`` times, interleaved (A B A B ...), and the median round of each by rate: the machine's
+    drift (other tenants, turbo, page cache) then falls on both sides alike. Each result keeps every round's
+    rate in ``rounds``."""
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            results[name].append(run())
+    medians = {}
+    for name, rows in results.items():
+        ordered = sorted(rows, key=lambda row: float(row["rate_per_s"]))
+        medians[name] = {**ordered[len(ordered) // 2], "rounds": [round(row["rate_per_s"]) for row in rows]}
+    return medians
 
 
 def result_row(

@@ -129,10 +129,14 @@ class Pipeline:
                     continue
                 await self._slots.acquire()
                 await self._linger()
-                size = min(self._batch_size, len(self._queue))
                 records, tickets = self._queue, self._tickets
-                batch = [records.popleft() for _ in range(size)]
-                owners = [tickets.popleft() for _ in range(size)]
+                if len(records) <= self._batch_size:  # everything queued: copied in C, not popped one by one
+                    batch, owners = list(records), list(tickets)
+                    records.clear()
+                    tickets.clear()
+                else:
+                    batch = [records.popleft() for _ in range(self._batch_size)]
+                    owners = [tickets.popleft() for _ in range(self._batch_size)]
                 self._room.set()
                 self._in_flight += 1
                 deliveries.create_task(self._deliver(batch, owners))
@@ -178,5 +182,11 @@ class Pipeline:
             self._slots.release()
             self._wakeup.set()
         self._metrics.count_sent(records, outcomes)
+        delivered = Outcome.DELIVERED
         for ticket, outcome in zip(tickets, outcomes, strict=True):
-            ticket.settle(outcome)
+            if outcome is delivered and ticket.pending == 1:  # a one-record message, or its last record
+                ticket.pending = 0
+                if not ticket.done():
+                    ticket.set_result(ticket.outcome)
+            else:
+                ticket.settle(outcome)
