@@ -97,6 +97,37 @@ def test_lone_message_on_idle_gateway_does_not_wait_for_the_timeout() -> None:
     run(scenario, batch_timeout_s=3600.0)
 
 
+def test_group_commit_spaces_batches_under_a_steady_stream_but_not_a_lone_message() -> None:
+    """The embedded store's group commit (STORE_COMMIT_INTERVAL): one batch per interval under load."""
+    interval = 0.05
+
+    async def scenario(pipeline: Pipeline, sink: MemorySink) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        assert await asyncio.wait_for(pipeline.submit([record(0, 0)]), 5) is Outcome.DELIVERED  # type: ignore[arg-type]
+        assert loop.time() - started < interval / 2  # after a quiet spell: at once
+        pending = []
+        for seq in range(1, 31):  # a steady stream, one message every 5 ms, for 150 ms
+            pending.append(pipeline.submit([record(0, seq)]))
+            await asyncio.sleep(0.005)
+        await asyncio.gather(*pending)  # type: ignore[arg-type]
+        assert sum(len(batch) for batch in sink.batches) == 31
+        # one batch per 50 ms interval at most (plus the first), instead of one per message
+        assert len(sink.batches) <= 1 + 150 / 50 + 2, [len(batch) for batch in sink.batches]
+        assert max(len(batch) for batch in sink.batches) > 1
+
+    run(scenario, batch_size=100, commit_interval_s=interval)
+
+
+def test_without_group_commit_every_message_leaves_at_once() -> None:
+    async def scenario(pipeline: Pipeline, sink: MemorySink) -> None:
+        for seq in range(10):
+            await asyncio.wait_for(pipeline.submit([record(0, seq)]), 5)  # type: ignore[arg-type]
+        assert [len(batch) for batch in sink.batches] == [1] * 10
+
+    run(scenario, batch_size=100)
+
+
 def test_batch_fills_while_the_sink_is_busy() -> None:
     async def scenario(pipeline: Pipeline, sink: MemorySink) -> None:
         sink.gate.clear()

@@ -158,6 +158,7 @@ class Gateway:
             self.metrics,
             batch_size=settings.batch_size,
             batch_timeout_s=settings.batch_timeout,
+            commit_interval_s=settings.store_commit_interval if isinstance(self.sink, StoreSink) else 0.0,
             max_queue=settings.queue_max_records,
         )
         self.session_closers: list[Callable[[str, str], object]] = []  # (device id, reason): close its sessions

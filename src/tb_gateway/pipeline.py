@@ -53,6 +53,7 @@ class Pipeline:
         batch_size: int,
         batch_timeout_s: float,
         max_queue: int,
+        commit_interval_s: float = 0.0,
     ) -> None:
         self.sink = sink
         self._metrics = metrics
@@ -68,6 +69,8 @@ class Pipeline:
         self._slots = asyncio.Semaphore(sink.max_in_flight)
         self._in_flight = 0
         self._closing = False
+        self._commit_interval_s = commit_interval_s
+        self._last_left = float("-inf")  # loop time the last batch left
         self._event_loop: asyncio.AbstractEventLoop | None = None
         metrics.queue_depth.set_function(lambda: len(self._queue))
 
@@ -129,6 +132,7 @@ class Pipeline:
                     continue
                 await self._slots.acquire()
                 await self._linger()
+                await self._group_commit()
                 records, tickets = self._queue, self._tickets
                 if len(records) <= self._batch_size:  # everything queued: copied in C, not popped one by one
                     batch, owners = list(records), list(tickets)
@@ -139,6 +143,7 @@ class Pipeline:
                     owners = [tickets.popleft() for _ in range(self._batch_size)]
                 self._room.set()
                 self._in_flight += 1
+                self._last_left = asyncio.get_running_loop().time()
                 deliveries.create_task(self._deliver(batch, owners))
 
     def _sink_busy(self) -> bool:
@@ -165,6 +170,16 @@ class Pipeline:
                     await self._wakeup.wait()
             except TimeoutError:
                 return
+
+    async def _group_commit(self) -> None:
+        """Group commit: batches start at most every ``commit_interval_s`` (the embedded store pays ~45 µs of
+        CPU per fdatasync however few records it carries). A batch after a quiet spell leaves at once, so a
+        lone message never waits; under a steady stream a batch waits at most the interval. A plain sleep, not
+        a wake-up per arriving record: the interval is short and a full batch cannot build up within it at
+        the rates that make small batches."""
+        wait = self._last_left + self._commit_interval_s - asyncio.get_running_loop().time()
+        if wait > 0 and not self._closing and len(self._queue) < self._batch_size:
+            await asyncio.sleep(wait)
 
     async def _deliver(self, records: list[Record], tickets: list[_Ticket]) -> None:
         try:
