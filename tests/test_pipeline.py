@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from tb_gateway.errors import RetriableSinkError
 from tb_gateway.metrics import Metrics
-from tb_gateway.pipeline import Pipeline
+from tb_gateway.pipeline import GROUP_COMMIT_ENOUGH, Pipeline
 from tb_gateway.records import DeviceIdentity, Record, RecordKind, Transport
 from tb_gateway.sinks.base import Outcome
 from tests.support import MemorySink
@@ -117,6 +117,17 @@ def test_group_commit_spaces_batches_under_a_steady_stream_but_not_a_lone_messag
         assert max(len(batch) for batch in sink.batches) > 1
 
     run(scenario, batch_size=100, commit_interval_s=interval)
+
+
+def test_group_commit_does_not_hold_a_batch_that_is_already_big_enough() -> None:
+    async def scenario(pipeline: Pipeline, sink: MemorySink) -> None:
+        await asyncio.wait_for(pipeline.submit([record(0, 0)]), 5)  # type: ignore[arg-type]
+        burst = [pipeline.submit([record(0, seq)]) for seq in range(1, 1 + GROUP_COMMIT_ENOUGH)]
+        # the interval is an hour: resolving at all proves a full-enough batch did not wait for it
+        await asyncio.wait_for(asyncio.gather(*burst), 5)  # type: ignore[arg-type]
+        assert [len(batch) for batch in sink.batches] == [1, GROUP_COMMIT_ENOUGH]
+
+    run(scenario, batch_size=1000, commit_interval_s=3600.0)
 
 
 def test_without_group_commit_every_message_leaves_at_once() -> None:

@@ -323,3 +323,32 @@ def test_any_crash_leaves_exactly_the_acknowledged_entries_and_a_prefix_of_the_t
             assert survived == len(batch), "an acknowledged entry was lost"
         got = got[survived:]
     assert got == [], "an entry appeared that was never written, or out of order"
+
+
+# --- framing in C (_speedups.frame) against segments.frame, the reference ---------------------------------
+
+
+def test_the_c_framing_is_built() -> None:
+    assert segments._speedups is not None  # `make test` builds it; else the property below compares nothing
+
+
+@given(
+    payloads=st.lists(st.binary(max_size=300), max_size=12),
+    index=st.integers(0, 3),
+    offset=st.integers(0, 5000),
+    seq=st.integers(0, 2**64 - 20),
+    crc=st.integers(0, 2**32 - 1),
+    room=st.integers(0, 6000),
+)
+def test_the_c_framing_writes_what_frame_writes(
+    payloads: list[bytes], index: int, offset: int, seq: int, crc: int, room: int
+) -> None:
+    assert segments._speedups is not None
+    index = min(index, len(payloads))
+    cursor = segments.Cursor(offset, seq, crc)
+    expected, i = [], index
+    while i < len(payloads) and cursor.offset + HEADER.size + len(payloads[i]) <= room:
+        expected.append(segments.frame(cursor, payloads[i]))
+        i += 1
+    got = segments._speedups.frame(payloads, index, offset, seq, crc, room)
+    assert got == (b"".join(expected), i, cursor.offset, cursor.seq, cursor.crc)

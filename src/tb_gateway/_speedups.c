@@ -1,15 +1,52 @@
-/* Optional C fast path for normalize.py (the per-message hot spot on every transport).
+/* Optional C fast paths for the per-record hot spots: normalize.py (typing a payload's values) and
+ * sinks/segments.py (framing store entries, which runs on the store's writer thread while it holds the GIL).
  *
- * Each function handles only what is unambiguous and answers None for anything else: the caller then runs
- * the pure-Python code, which is the reference and produces every error message. So this module can only
- * make a payload faster, never change how it is read (tests/test_normalize.py compares both on generated
- * payloads). Built by setup.py when a C compiler is present; without it the gateway runs the Python path.
+ * The Python code stays the reference. The normalization functions handle only what is unambiguous and
+ * answer None for anything else, so the Python rules run and produce every error message; framing is
+ * byte for byte what segments.frame() writes. tests/test_normalize.py and tests/test_segments.py compare
+ * both on generated input. Built by setup.py when a C compiler is present; without one, Python runs alone.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
+#include <stdint.h>
+#include <string.h>
 
 #define MAX_KEY_LENGTH 255
+#define HEADER_SIZE 16 /* segments.HEADER: "<IIQ" payload length, chained crc32, seq */
+
+/* CRC-32 (IEEE 802.3, reflected 0xEDB88320), the same function as zlib.crc32. */
+static uint32_t crc_table[256];
+
+static void
+crc_init(void)
+{
+    for (uint32_t n = 0; n < 256; n++) {
+        uint32_t c = n;
+        for (int k = 0; k < 8; k++) {
+            c = c & 1 ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+        }
+        crc_table[n] = c;
+    }
+}
+
+static uint32_t
+crc32_update(uint32_t crc, const unsigned char *data, Py_ssize_t n)
+{
+    crc = ~crc;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        crc = crc_table[(crc ^ data[i]) & 0xFF] ^ (crc >> 8);
+    }
+    return ~crc;
+}
+
+static void
+put_le(unsigned char *out, uint64_t value, int bytes)
+{
+    for (int i = 0; i < bytes; i++) {
+        out[i] = (unsigned char)(value >> (8 * i));
+    }
+}
 
 /* A string that type cast could turn into a number: -?(\d+(\.\d+)?|\.\d+) over ASCII digits. Any
  * non-ASCII string counts as "maybe" (Python's \d also matches other digits): the caller falls back. */
@@ -217,7 +254,73 @@ speedups_telemetry(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return groups;
 }
 
+/* frame(payloads: list[bytes], index, offset, seq, crc, room) -> (bytes, index, offset, seq, crc)
+ *
+ * segments.frame() for payloads[index:] while each entry ends at or before ``room``: the joined entries and
+ * the cursor after them (the caller seals the segment when not all of them fitted). */
+static PyObject *
+speedups_frame(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 6 || !PyList_CheckExact(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "frame(payloads: list, index, offset, seq, crc, room)");
+        return NULL;
+    }
+    PyObject *payloads = args[0];
+    Py_ssize_t index = PyLong_AsSsize_t(args[1]);
+    long long offset = PyLong_AsLongLong(args[2]);
+    unsigned long long seq = PyLong_AsUnsignedLongLong(args[3]);
+    unsigned long crc_in = PyLong_AsUnsignedLong(args[4]);
+    long long room = PyLong_AsLongLong(args[5]);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    if (crc_in > 0xFFFFFFFFul || index < 0) {
+        PyErr_SetString(PyExc_ValueError, "crc or index out of range");
+        return NULL;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(payloads), end = index;
+    long long size = 0;
+    while (end < n) {
+        PyObject *p = PyList_GET_ITEM(payloads, end);
+        if (!PyBytes_CheckExact(p)) {
+            PyErr_SetString(PyExc_TypeError, "payloads must be bytes");
+            return NULL;
+        }
+        long long entry = HEADER_SIZE + (long long)PyBytes_GET_SIZE(p);
+        if (offset + size + entry > room) {
+            break;
+        }
+        size += entry;
+        end++;
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)size);
+    if (out == NULL) {
+        return NULL;
+    }
+    unsigned char *w = (unsigned char *)PyBytes_AS_STRING(out);
+    uint32_t crc = (uint32_t)crc_in;
+    for (Py_ssize_t i = index; i < end; i++) {
+        PyObject *p = PyList_GET_ITEM(payloads, i);
+        Py_ssize_t len = PyBytes_GET_SIZE(p);
+        unsigned char fields[12]; /* segments._CRC_FIELDS: "<IQ" length, seq */
+        put_le(fields, (uint64_t)len, 4);
+        put_le(fields + 4, seq, 8);
+        crc = crc32_update(crc32_update(crc, fields, 12), (const unsigned char *)PyBytes_AS_STRING(p), len);
+        put_le(w, (uint64_t)len, 4);
+        put_le(w + 4, crc, 4);
+        put_le(w + 8, seq, 8);
+        memcpy(w + HEADER_SIZE, PyBytes_AS_STRING(p), (size_t)len);
+        w += HEADER_SIZE + len;
+        seq++;
+    }
+    return Py_BuildValue("(NnLKk)", out, end, offset + size, seq, (unsigned long)crc);
+}
+
 static PyMethodDef methods[] = {
+    {"frame", (PyCFunction)(void (*)(void))speedups_frame, METH_FASTCALL,
+     "frame(payloads, index, offset, seq, crc, room) -> (bytes, index, offset, seq, crc): segments.frame() "
+     "for as many entries as fit"},
     {"values", (PyCFunction)(void (*)(void))speedups_values, METH_FASTCALL,
      "values(raw, type_cast, max_string_length) -> dict | None: typed values, or None to ask normalize.py"},
     {"telemetry", (PyCFunction)(void (*)(void))speedups_telemetry, METH_FASTCALL,
@@ -233,6 +336,7 @@ static struct PyModuleDef module_def = {
 PyMODINIT_FUNC
 PyInit__speedups(void)
 {
+    crc_init();
     ts_name = PyUnicode_InternFromString("ts");
     values_name = PyUnicode_InternFromString("values");
     if (ts_name == NULL || values_name == NULL) {

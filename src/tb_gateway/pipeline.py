@@ -27,6 +27,8 @@ from tb_gateway.sinks.base import Outcome, Sink, worst
 
 log = logging.getLogger(__name__)
 
+GROUP_COMMIT_ENOUGH = 32  # records that make a batch worth its fdatasync (~45 µs of CPU) without waiting
+
 
 class _Ticket(asyncio.Future[Outcome]):
     """One device message: the future its transport waits on, resolved when the last of its records is
@@ -177,8 +179,10 @@ class Pipeline:
         lone message never waits; under a steady stream a batch waits at most the interval. A plain sleep, not
         a wake-up per arriving record: the interval is short and a full batch cannot build up within it at
         the rates that make small batches."""
+        if len(self._queue) >= min(self._batch_size, GROUP_COMMIT_ENOUGH) or self._closing:
+            return  # enough records to share the fdatasync already: waiting would only add latency
         wait = self._last_left + self._commit_interval_s - asyncio.get_running_loop().time()
-        if wait > 0 and not self._closing and len(self._queue) < self._batch_size:
+        if wait > 0:
             await asyncio.sleep(wait)
 
     async def _deliver(self, records: list[Record], tickets: list[_Ticket]) -> None:

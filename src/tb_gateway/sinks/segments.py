@@ -44,6 +44,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+try:  # framing in C (src/tb_gateway/_speedups.c): the writer thread then holds the GIL once per batch
+    from tb_gateway import _speedups
+except ImportError:  # pragma: no cover - built without a C compiler: frame() below does the same
+    _speedups = None  # type: ignore[assignment]
+
 log = logging.getLogger(__name__)
 
 HEADER = struct.Struct("<IIQ")  # payload length, chained crc32, seq
@@ -244,6 +249,11 @@ class SegmentWriter:
                 self._grow(2 * HEADER.size + len(payloads[i]))
                 continue
             start, parts = cursor.offset, []
+            if _speedups is not None and type(payloads) is list:  # one C call instead of a loop holding the GIL
+                data, i, cursor.offset, cursor.seq, cursor.crc = _speedups.frame(
+                    payloads, i, cursor.offset, cursor.seq, cursor.crc, room
+                )
+                parts.append(data)
             while i < len(payloads) and cursor.offset + HEADER.size + len(payloads[i]) <= room:
                 parts.append(frame(cursor, payloads[i]))
                 i += 1
