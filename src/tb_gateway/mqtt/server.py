@@ -553,9 +553,12 @@ class MqttConnection(asyncio.Protocol):
         if transport is None:
             return
         session = self._session
-        if self._acks:
-            self._answer_due()
-            head = self._acks.head()
+        acks = self._acks
+        if acks:
+            head = acks.head()
+            if head is None or head.done():  # else nothing is due: PUBACKs leave in order
+                self._answer_due()
+                head = acks.head()
             if head is not None and head is not self._watching:
                 self._watching = head
                 head.add_done_callback(self._settled)
