@@ -8,6 +8,7 @@ from aiocoap.optiontypes import BlockOption
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tb_gateway.coap import codec
 from tb_gateway.coap.codec import (
     ACK,
     CON,
@@ -20,6 +21,7 @@ from tb_gateway.coap.codec import (
     Option,
     code_str,
     decode,
+    decode_in_python,
     decode_uint,
     encode,
     encode_uint,
@@ -235,6 +237,7 @@ MALFORMED = [
     ("payload marker, no payload", bytes.fromhex("40010006ff"), (CON, 6)),
     ("option delta 15", bytes.fromhex("40010007f1"), (CON, 7)),
     ("option length 15", bytes.fromhex("400100081f"), (CON, 8)),
+    ("option length 15, then what a 2-byte length would cover", bytes.fromhex("400101001f") + b"x" * 300, (CON, 256)),
     ("truncated extended delta", bytes.fromhex("40010009d0"), (CON, 9)),
     ("truncated 2-byte extended length", bytes.fromhex("4001000a0e01"), (CON, 10)),
     ("value past the end", bytes.fromhex("4001000bb3616263")[:-1], (CON, 11)),
@@ -330,3 +333,66 @@ def test_fuzz_decoder_parses_or_refuses_with_the_documented_error(data):
         assert exc.type is None or (0 <= exc.type <= 3 and 0 <= exc.mid <= 0xFFFF)
     else:
         assert encode(message) == data  # the wire form is canonical: what parses re-encodes byte for byte
+
+
+def test_the_c_fast_path_is_built() -> None:
+    """`make test` builds it (setup.py); without it the comparison below would compare Python with itself."""
+    assert codec._speedups is not None
+
+
+def c_or_python(data: bytes) -> tuple[str, object]:
+    fields = codec._speedups.coap_decode(data)
+    try:
+        reference = decode_in_python(data)
+    except CoapFormatError:
+        assert fields is None, f"C accepted what Python refuses: {data.hex()}"
+        return ("refused", None)
+    assert fields is not None, f"C refused a valid message: {data.hex()}"
+    assert Message._make(fields) == reference
+    assert type(Message._make(fields).options) is tuple
+    return ("decoded", reference)
+
+
+@settings(max_examples=1500)
+@given(
+    messages,
+    st.lists(st.tuples(st.integers(0, 400), st.integers(0, 255)), max_size=3),
+    st.integers(0, 600),
+)
+def test_the_c_decoder_agrees_with_the_python_one(message, flips, cut):
+    """Valid messages, then the same with bytes overwritten and cut short: C and Python decode alike, or both
+    refuse (the C one says None and codec.decode asks Python, which raises the error with its reason)."""
+    wire = encode(message)
+    assert c_or_python(wire) == ("decoded", message)
+    mutated = bytearray(wire)
+    for at, value in flips:
+        if mutated:
+            mutated[at % len(mutated)] = value
+    c_or_python(bytes(mutated))
+    c_or_python(bytes(mutated[:cut]))
+
+
+@settings(max_examples=500)
+@given(st.binary(max_size=40))
+def test_the_c_decoder_agrees_on_arbitrary_bytes(data):
+    c_or_python(data)
+
+
+@settings(max_examples=1500)
+@given(
+    st.integers(0, 3),
+    st.integers(0, 8),
+    st.sampled_from([0, 1, 2, 3, 4, 65, 132, 255]),
+    st.integers(0, 0xFFFF),
+    st.one_of(st.binary(max_size=60), st.binary(min_size=260, max_size=600)),
+)
+def test_the_c_decoder_agrees_on_arbitrary_bytes_after_a_valid_header(mtype, tkl, code, mid, rest):
+    c_or_python(bytes((0x40 | mtype << 4 | tkl, code, mid >> 8, mid & 0xFF)) + rest)
+
+
+@pytest.mark.parametrize("size", [0, 1, 12, 13, 14, 268, 269, 270, 1000, 65535 + 269])
+def test_the_c_decoder_agrees_at_every_extended_length_and_delta_boundary(size):
+    for number in (size % 65804, 12, 13, 268, 269, 270):
+        options = ((number, b"v" * min(size, 2000)), (number + size % 300, b""))
+        message = Message(CON, Code.POST, 7, b"tk", options, b"p")
+        assert c_or_python(encode(message)) == ("decoded", message)

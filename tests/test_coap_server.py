@@ -18,6 +18,7 @@ import orjson
 import pytest
 import uvloop
 
+from tb_gateway.coap import sockets
 from tb_gateway.coap.codec import (
     ACK,
     CON,
@@ -125,9 +126,18 @@ def run(coro: Any) -> Any:
     return asyncio.run(asyncio.wait_for(coro, 60))
 
 
+@pytest.fixture(params=["batched", "asyncio transport"])
+def each_socket_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server's socket is batched through the C fast path when it is built, else an asyncio transport
+    (coap/sockets.py): the tests marked with this run on both."""
+    if request.param != "batched":
+        monkeypatch.setattr(sockets, "_speedups", None)
+
+
 # ---------------------------------------------------------------- uplink
 
 
+@pytest.mark.usefixtures("each_socket_kind")
 def test_con_post_telemetry_gets_piggybacked_2_01_only_after_the_sink_confirmed(tmp_path: Path) -> None:
     async def main() -> None:
         async with serving(tmp_path) as (api, _, client, sink):
@@ -149,6 +159,7 @@ def test_con_post_telemetry_gets_piggybacked_2_01_only_after_the_sink_confirmed(
     run(main())
 
 
+@pytest.mark.usefixtures("each_socket_kind")
 def test_non_post_gets_non_2_01_with_its_own_message_id(tmp_path: Path) -> None:
     async def main() -> None:
         async with serving(tmp_path) as (_, _, client, sink):
@@ -162,6 +173,7 @@ def test_non_post_gets_non_2_01_with_its_own_message_id(tmp_path: Path) -> None:
     run(main())
 
 
+@pytest.mark.usefixtures("each_socket_kind")
 def test_retransmitted_con_is_answered_again_but_stored_once(tmp_path: Path) -> None:
     async def main() -> None:
         async with serving(tmp_path) as (_, _, client, sink):
@@ -308,6 +320,7 @@ def test_piggyback_window_comes_from_the_setting(tmp_path: Path) -> None:
     run(main())
 
 
+@pytest.mark.usefixtures("each_socket_kind")
 def test_block1_upload_over_raw_sockets(tmp_path: Path) -> None:
     async def main() -> None:
         body = json.dumps({f"key{i}": i for i in range(200)}).encode()  # ~2.4 KB: three 1024-byte blocks
@@ -339,6 +352,7 @@ def test_block1_upload_larger_than_max_payload_is_4_13(tmp_path: Path) -> None:
     run(main())
 
 
+@pytest.mark.usefixtures("each_socket_kind")
 def test_aiocoap_client_con_non_and_blockwise(tmp_path: Path) -> None:
     async def main() -> None:
         async with serving(tmp_path) as (_, server, _, sink):
@@ -373,6 +387,7 @@ def test_aiocoap_client_con_non_and_blockwise(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- robustness
 
 
+@pytest.mark.usefixtures("each_socket_kind")
 def test_malformed_datagrams_reset_or_ignored_and_service_goes_on(tmp_path: Path) -> None:
     async def main() -> None:
         async with serving(tmp_path) as (_, _, client, _):
@@ -390,6 +405,7 @@ def test_malformed_datagrams_reset_or_ignored_and_service_goes_on(tmp_path: Path
     run(main())
 
 
+@pytest.mark.usefixtures("each_socket_kind")
 @pytest.mark.parametrize("loop_factory", [asyncio.new_event_loop, uvloop.new_event_loop], ids=["asyncio", "uvloop"])
 def test_reply_to_a_closed_port_does_not_stop_the_server(tmp_path: Path, loop_factory: Any) -> None:
     """aiocoap's server stops reading after an ICMP port-unreachable on uvloop (DESIGN.md §3); ours must not."""
@@ -494,6 +510,7 @@ def test_unknown_token_lookup_that_suspends_is_finished_by_a_task(tmp_path: Path
     run(main())
 
 
+@pytest.mark.usefixtures("each_socket_kind")
 def test_drain_cut_short_by_the_shutdown_timeout_still_closes_the_socket(tmp_path: Path) -> None:
     async def main() -> None:
         async with serving(tmp_path) as (_, server, client, sink):
@@ -506,7 +523,7 @@ def test_drain_cut_short_by_the_shutdown_timeout_still_closes_the_socket(tmp_pat
                 pass
             else:
                 raise AssertionError("drain returned with a request still in the sink")
-            assert server._transport is None
+            assert server._socket is None
 
     run(main())
 

@@ -1,5 +1,6 @@
-/* Optional C fast paths for the per-record hot spots: normalize.py (typing a payload's values) and
- * sinks/segments.py (framing store entries, which runs on the store's writer thread while it holds the GIL).
+/* Optional C fast paths for the per-record hot spots: normalize.py (typing a payload's values),
+ * sinks/segments.py (framing store entries, which runs on the store's writer thread while it holds the GIL),
+ * coap/codec.py (parsing a datagram) and coap/server.py (a batch of datagrams per system call).
  *
  * The Python code stays the reference. The normalization functions handle only what is unambiguous and
  * answer None for anything else, so the Python rules run and produce every error message; framing is
@@ -8,7 +9,11 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <arpa/inet.h>
+#include <errno.h>
 #include <math.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -317,6 +322,312 @@ speedups_frame(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return Py_BuildValue("(NnLKk)", out, end, offset + size, seq, (unsigned long)crc);
 }
 
+
+/* ---- CoAP: codec.decode() for well-formed messages ---- */
+
+/* coap_decode(data) -> (type, code, mid, token, options, payload), the fields of codec.Message, or None
+ * for anything malformed: codec.decode() then parses it again and raises the error that says why. */
+static PyObject *
+speedups_coap_decode(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 1 || !PyBytes_CheckExact(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "coap_decode(data: bytes)");
+        return NULL;
+    }
+    const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(args[0]);
+    Py_ssize_t n = PyBytes_GET_SIZE(args[0]);
+    if (n < 4 || data[0] >> 6 != 1) {
+        Py_RETURN_NONE;
+    }
+    int type = (data[0] >> 4) & 3, tkl = data[0] & 0x0F, code = data[1], mid = data[2] << 8 | data[3];
+    if (tkl > 8 || (code == 0 && (tkl || n > 4)) || 4 + tkl > n) {
+        Py_RETURN_NONE;
+    }
+    /* first pass: validate and count, so the options tuple is built once at its size */
+    Py_ssize_t pos = 4 + tkl, count = 0, payload_at = n;
+    while (pos < n) {
+        unsigned int byte = data[pos++];
+        if (byte == 0xFF) {
+            if (pos == n) {
+                Py_RETURN_NONE; /* payload marker with an empty payload */
+            }
+            payload_at = pos;
+            break;
+        }
+        unsigned int delta = byte >> 4, length = byte & 0x0F;
+        if (delta == 15 || length == 15) {
+            Py_RETURN_NONE;
+        }
+        pos += (delta == 13) + 2 * (delta == 14) + (length == 13) + 2 * (length == 14);
+        if (pos > n) {
+            Py_RETURN_NONE; /* truncated option header */
+        }
+        if (length >= 13) {
+            length = length == 13 ? data[pos - 1] + 13u : (data[pos - 2] << 8 | data[pos - 1]) + 269u;
+        }
+        if ((Py_ssize_t)length > n - pos) {
+            Py_RETURN_NONE; /* option value runs past the datagram */
+        }
+        pos += length;
+        count++;
+    }
+    PyObject *options = PyTuple_New(count);
+    if (options == NULL) {
+        return NULL;
+    }
+    long number = 0;
+    pos = 4 + tkl;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        unsigned int byte = data[pos++];
+        unsigned int delta = byte >> 4, length = byte & 0x0F;
+        if (delta == 13) {
+            delta = data[pos++] + 13u;
+        }
+        else if (delta == 14) {
+            delta = (data[pos] << 8 | data[pos + 1]) + 269u;
+            pos += 2;
+        }
+        if (length == 13) {
+            length = data[pos++] + 13u;
+        }
+        else if (length == 14) {
+            length = (data[pos] << 8 | data[pos + 1]) + 269u;
+            pos += 2;
+        }
+        number += delta;
+        PyObject *option = Py_BuildValue("(ly#)", number, (const char *)data + pos, (Py_ssize_t)length);
+        if (option == NULL) {
+            Py_DECREF(options);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(options, i, option);
+        pos += length;
+    }
+    return Py_BuildValue("(iiiy#Ny#)", type, code, mid, (const char *)data + 4, (Py_ssize_t)tkl, options,
+                         (const char *)data + payload_at, n - payload_at);
+}
+
+/* ---- Datagram batches for the CoAP socket: one recvmmsg / sendmmsg per batch, not a syscall per datagram ----
+ *
+ * Addresses are the tuples the socket module (and uvloop) build: (host, port) for IPv4, (host, port,
+ * flowinfo, scope_id) for IPv6. A peer's tuple is built once and cached with its raw sockaddr, so the many
+ * datagrams of one client share one tuple and a reply's sockaddr is not parsed back from text. */
+
+#define DGRAM_BATCH 32
+#define DGRAM_MAX 65536 /* any UDP datagram fits: nothing is truncated */
+#define ADDRESS_CACHE_MAX 65536
+
+static char *dgram_buffers;     /* DGRAM_BATCH x DGRAM_MAX, allocated at the first receive */
+static PyObject *tuple_by_raw;  /* raw sockaddr (bytes) -> address tuple */
+static PyObject *raw_by_tuple;  /* address tuple -> raw sockaddr (bytes) */
+
+static PyObject *
+address_tuple(const struct sockaddr_storage *sa, socklen_t len)
+{
+    PyObject *raw = PyBytes_FromStringAndSize((const char *)sa, len);
+    if (raw == NULL) {
+        return NULL;
+    }
+    PyObject *cached = PyDict_GetItemWithError(tuple_by_raw, raw);
+    if (cached != NULL || PyErr_Occurred()) {
+        Py_DECREF(raw);
+        Py_XINCREF(cached);
+        return cached;
+    }
+    char host[INET6_ADDRSTRLEN];
+    PyObject *tuple;
+    if (sa->ss_family == AF_INET) {
+        const struct sockaddr_in *in = (const struct sockaddr_in *)sa;
+        inet_ntop(AF_INET, &in->sin_addr, host, sizeof host);
+        tuple = Py_BuildValue("(si)", host, ntohs(in->sin_port));
+    }
+    else if (sa->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)sa;
+        inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof host);
+        tuple = Py_BuildValue("(siIk)", host, ntohs(in6->sin6_port), ntohl(in6->sin6_flowinfo),
+                              (unsigned long)in6->sin6_scope_id);
+    }
+    else {
+        tuple = Py_BuildValue("(si)", "", 0); /* not an IP socket: never for the CoAP server */
+    }
+    if (tuple == NULL) {
+        Py_DECREF(raw);
+        return NULL;
+    }
+    if (PyDict_GET_SIZE(tuple_by_raw) >= ADDRESS_CACHE_MAX) {
+        PyDict_Clear(tuple_by_raw);
+        PyDict_Clear(raw_by_tuple);
+    }
+    if (PyDict_SetItem(tuple_by_raw, raw, tuple) < 0 || PyDict_SetItem(raw_by_tuple, tuple, raw) < 0) {
+        Py_DECREF(raw);
+        Py_DECREF(tuple);
+        return NULL;
+    }
+    Py_DECREF(raw);
+    return tuple;
+}
+
+/* The sockaddr of an address tuple: from the cache, else parsed (0: not an IP address tuple). */
+static socklen_t
+address_raw(PyObject *tuple, struct sockaddr_storage *out)
+{
+    PyObject *raw = PyDict_GetItemWithError(raw_by_tuple, tuple);
+    if (raw != NULL) {
+        memcpy(out, PyBytes_AS_STRING(raw), PyBytes_GET_SIZE(raw));
+        return (socklen_t)PyBytes_GET_SIZE(raw);
+    }
+    if (PyErr_Occurred() || !PyTuple_Check(tuple) || PyTuple_GET_SIZE(tuple) < 2) {
+        PyErr_Clear();
+        return 0;
+    }
+    const char *host = PyUnicode_Check(PyTuple_GET_ITEM(tuple, 0)) ? PyUnicode_AsUTF8(PyTuple_GET_ITEM(tuple, 0)) : NULL;
+    long port = PyLong_AsLong(PyTuple_GET_ITEM(tuple, 1));
+    if (host == NULL || port < 0 || port > 65535) {
+        PyErr_Clear();
+        return 0;
+    }
+    memset(out, 0, sizeof *out);
+    struct sockaddr_in *in = (struct sockaddr_in *)out;
+    if (inet_pton(AF_INET, host, &in->sin_addr) == 1) {
+        in->sin_family = AF_INET;
+        in->sin_port = htons((uint16_t)port);
+        return sizeof *in;
+    }
+    struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)out;
+    if (inet_pton(AF_INET6, host, &in6->sin6_addr) == 1) {
+        in6->sin6_family = AF_INET6;
+        in6->sin6_port = htons((uint16_t)port);
+        if (PyTuple_GET_SIZE(tuple) >= 4) {
+            in6->sin6_flowinfo = htonl((uint32_t)PyLong_AsUnsignedLong(PyTuple_GET_ITEM(tuple, 2)));
+            in6->sin6_scope_id = (uint32_t)PyLong_AsUnsignedLong(PyTuple_GET_ITEM(tuple, 3));
+            PyErr_Clear();
+        }
+        return sizeof *in6;
+    }
+    return 0;
+}
+
+/* recv_datagrams(fd) -> [(data, address), ...]: what one recvmmsg returns on a non-blocking socket, up to
+ * DGRAM_BATCH datagrams; [] when there is nothing to read. */
+static PyObject *
+speedups_recv_datagrams(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    int fd = nargs == 1 ? PyLong_AsLong(args[0]) : -1;
+    if (fd < 0) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "recv_datagrams(fd: int)");
+        }
+        return NULL;
+    }
+    if (dgram_buffers == NULL && (dgram_buffers = PyMem_RawMalloc((size_t)DGRAM_BATCH * DGRAM_MAX)) == NULL) {
+        return PyErr_NoMemory();
+    }
+    struct mmsghdr msgs[DGRAM_BATCH];
+    struct iovec iovs[DGRAM_BATCH];
+    struct sockaddr_storage peers[DGRAM_BATCH];
+    memset(msgs, 0, sizeof msgs);
+    for (int i = 0; i < DGRAM_BATCH; i++) {
+        iovs[i].iov_base = dgram_buffers + (size_t)i * DGRAM_MAX;
+        iovs[i].iov_len = DGRAM_MAX;
+        msgs[i].msg_hdr.msg_name = &peers[i];
+        msgs[i].msg_hdr.msg_namelen = sizeof peers[i];
+        msgs[i].msg_hdr.msg_iov = &iovs[i];
+        msgs[i].msg_hdr.msg_iovlen = 1;
+    }
+    int got;
+    do {
+        got = recvmmsg(fd, msgs, DGRAM_BATCH, MSG_DONTWAIT, NULL);
+    } while (got < 0 && errno == EINTR);
+    if (got < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            return PyList_New(0);
+        }
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    PyObject *out = PyList_New(got);
+    if (out == NULL) {
+        return NULL;
+    }
+    for (int i = 0; i < got; i++) {
+        PyObject *address = address_tuple(&peers[i], msgs[i].msg_hdr.msg_namelen);
+        PyObject *item = address == NULL ? NULL : Py_BuildValue("(y#N)", iovs[i].iov_base, (Py_ssize_t)msgs[i].msg_len, address);
+        if (item == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, i, item);
+    }
+    return out;
+}
+
+/* send_datagrams(fd, datagrams, start) -> index: sends datagrams[start:] ([(data, address), ...]) with
+ * sendmmsg until done or the socket buffer is full; returns the index of the first one not sent. A datagram
+ * the kernel refuses for itself (no route, too large, an address that is not one) is dropped, as a lost
+ * datagram would be: CoAP's retransmission covers it. */
+static PyObject *
+speedups_send_datagrams(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || !PyList_CheckExact(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "send_datagrams(fd: int, datagrams: list, start: int)");
+        return NULL;
+    }
+    int fd = PyLong_AsLong(args[0]);
+    Py_ssize_t index = PyLong_AsSsize_t(args[2]);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    PyObject *datagrams = args[1];
+    struct mmsghdr msgs[DGRAM_BATCH];
+    struct iovec iovs[DGRAM_BATCH];
+    struct sockaddr_storage peers[DGRAM_BATCH];
+    while (index < PyList_GET_SIZE(datagrams)) {
+        int count = 0;
+        Py_ssize_t taken = index;
+        memset(msgs, 0, sizeof msgs);
+        while (count < DGRAM_BATCH && taken < PyList_GET_SIZE(datagrams)) {
+            PyObject *item = PyList_GET_ITEM(datagrams, taken);
+            if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2 || !PyBytes_Check(PyTuple_GET_ITEM(item, 0))) {
+                PyErr_SetString(PyExc_TypeError, "datagrams holds (bytes, address) pairs");
+                return NULL;
+            }
+            socklen_t len = address_raw(PyTuple_GET_ITEM(item, 1), &peers[count]);
+            if (len == 0) {
+                if (count == 0) {
+                    index = ++taken; /* not an address: dropped */
+                    continue;
+                }
+                break; /* send what precedes it first */
+            }
+            iovs[count].iov_base = PyBytes_AS_STRING(PyTuple_GET_ITEM(item, 0));
+            iovs[count].iov_len = PyBytes_GET_SIZE(PyTuple_GET_ITEM(item, 0));
+            msgs[count].msg_hdr.msg_name = &peers[count];
+            msgs[count].msg_hdr.msg_namelen = len;
+            msgs[count].msg_hdr.msg_iov = &iovs[count];
+            msgs[count].msg_hdr.msg_iovlen = 1;
+            count++;
+            taken++;
+        }
+        if (count == 0) {
+            continue;
+        }
+        int sent;
+        do {
+            sent = sendmmsg(fd, msgs, count, MSG_DONTWAIT);
+        } while (sent < 0 && errno == EINTR);
+        if (sent < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK || errno == ENOBUFS) {
+                break; /* the caller waits until the socket is writable */
+            }
+            if (errno == EBADF || errno == ENOTSOCK) {
+                return PyErr_SetFromErrno(PyExc_OSError);
+            }
+            sent = 1; /* this datagram is refused: drop it, go on with the next */
+        }
+        index += sent;
+    }
+    return PyLong_FromSsize_t(index);
+}
+
 static PyMethodDef methods[] = {
     {"frame", (PyCFunction)(void (*)(void))speedups_frame, METH_FASTCALL,
      "frame(payloads, index, offset, seq, crc, room) -> (bytes, index, offset, seq, crc): segments.frame() "
@@ -326,6 +637,13 @@ static PyMethodDef methods[] = {
     {"telemetry", (PyCFunction)(void (*)(void))speedups_telemetry, METH_FASTCALL,
      "telemetry(document, now_ms, type_cast, max_string_length) -> list | None: groups, or None to ask "
      "normalize.py"},
+    {"coap_decode", (PyCFunction)(void (*)(void))speedups_coap_decode, METH_FASTCALL,
+     "coap_decode(data) -> (type, code, mid, token, options, payload) | None: codec.decode() for well-formed "
+     "messages"},
+    {"recv_datagrams", (PyCFunction)(void (*)(void))speedups_recv_datagrams, METH_FASTCALL,
+     "recv_datagrams(fd) -> [(data, address), ...]: one recvmmsg on a non-blocking socket"},
+    {"send_datagrams", (PyCFunction)(void (*)(void))speedups_send_datagrams, METH_FASTCALL,
+     "send_datagrams(fd, datagrams, start) -> index of the first datagram not sent (the socket is full)"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -339,7 +657,9 @@ PyInit__speedups(void)
     crc_init();
     ts_name = PyUnicode_InternFromString("ts");
     values_name = PyUnicode_InternFromString("values");
-    if (ts_name == NULL || values_name == NULL) {
+    tuple_by_raw = PyDict_New();
+    raw_by_tuple = PyDict_New();
+    if (ts_name == NULL || values_name == NULL || tuple_by_raw == NULL || raw_by_tuple == NULL) {
         return NULL;
     }
     return PyModule_Create(&module_def);

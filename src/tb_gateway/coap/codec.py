@@ -7,11 +7,19 @@ everything else silently dropped; which of the two is the endpoint's decision, n
 
 Options are kept as a tuple of ``(number, value)`` pairs in wire order; option *semantics* (uint and block
 values, which are critical) live here as small helpers so the endpoint and the tests share them.
+
+A well-formed datagram is parsed in C when the fast path is built (``_speedups.coap_decode``); anything it
+does not accept is parsed again here, so the errors and their reasons always come from this module.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
+
+try:  # the C fast path (setup.py builds it when a compiler is present)
+    from tb_gateway import _speedups
+except ImportError:  # pragma: no cover - a build without a C compiler parses in Python only
+    _speedups = None  # type: ignore[assignment]
 
 VERSION = 1
 CON, NON, ACK, RST = 0, 1, 2, 3
@@ -123,6 +131,15 @@ class CoapFormatError(ValueError):
 
 def decode(data: bytes) -> Message:
     """Parse one datagram; raise ``CoapFormatError`` (only) when it is not a valid CoAP message."""
+    if _speedups is not None and type(data) is bytes:
+        fields = _speedups.coap_decode(data)
+        if fields is not None:
+            return Message._make(fields)
+    return decode_in_python(data)
+
+
+def decode_in_python(data: bytes) -> Message:
+    """The reference parser: every rule and every error reason (the C one returns None where this raises)."""
     n = len(data)
     if n < 4:
         raise CoapFormatError("shorter than the 4-byte header")

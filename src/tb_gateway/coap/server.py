@@ -15,9 +15,7 @@ callback, not an awaiting task. That keeps the hot path free of task creation an
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import socket
 from collections.abc import Callable, Coroutine
 from functools import partial
 from typing import Any
@@ -29,7 +27,6 @@ from tb_gateway.coap.codec import Code, ContentFormat, Option, Options, encode_u
 from tb_gateway.coap.downlink import CoapDownlink
 from tb_gateway.coap.endpoint import (
     ANSWERED,
-    Address,
     Endpoint,
     EndpointConfig,
     Event,
@@ -40,6 +37,7 @@ from tb_gateway.coap.endpoint import (
     RequestReceived,
     ResponseTimedOut,
 )
+from tb_gateway.coap.sockets import Datagrams, DatagramSocket, open_socket
 from tb_gateway.device_api import DeviceApi
 from tb_gateway.downlink.sessions import Feature
 from tb_gateway.errors import AddressBlocked, CredentialsUnavailable, PayloadError
@@ -51,7 +49,6 @@ log = logging.getLogger(__name__)
 
 COAP = Transport.COAP
 MAX_PENDING = 10_000  # requests admitted but not yet answered (auth waits included); beyond it: 5.03
-RECEIVE_BUFFER_BYTES = 4 << 20  # absorbs bursts of small datagrams while the loop is busy with a batch
 _JSON = ((Option.CONTENT_FORMAT, encode_uint(ContentFormat.JSON)),)
 
 # Outcome of a device message -> CoAP response code (device_api's table); overload refusals get Max-Age.
@@ -96,7 +93,7 @@ class CoapServer:
         self._retry_after = ((Option.MAX_AGE, encode_uint(settings.retry_after_seconds)),)
         self._too_large = ((Option.SIZE1, encode_uint(self._max_payload)),)
         self._latency = api.metrics.ack_latency.labels(transport=COAP.value)
-        self._transport: asyncio.DatagramTransport | None = None
+        self._socket: DatagramSocket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
@@ -118,16 +115,10 @@ class CoapServer:
     # ------------------------------------------------------------------ Server protocol
 
     async def start(self) -> None:
-        loop = self._loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(
-            lambda: _Protocol(self), local_addr=(self.host, self.port), reuse_port=self.api.settings.workers > 1
-        )
-        self._transport = transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):  # capped by the kernel; the default still works
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER_BYTES)
-        self.port = transport.get_extra_info("sockname")[1]
+        self._loop = asyncio.get_running_loop()
+        reuse_port = self.api.settings.workers > 1
+        self._socket = await open_socket(self.host, self.port, self.datagrams_received, reuse_port=reuse_port)
+        self.port = self._socket.port
         log.info("CoAP listening on %s:%d/udp", self.host, self.port)
 
     def stop_accepting(self) -> None:
@@ -149,9 +140,9 @@ class CoapServer:
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
-            if self._transport is not None:
-                self._transport.close()
-                self._transport = None
+            if self._socket is not None:
+                self._socket.close()
+                self._socket = None
 
     @property
     def pending(self) -> int:
@@ -159,11 +150,13 @@ class CoapServer:
 
     # ------------------------------------------------------------------ socket -> endpoint -> socket
 
-    def datagram_received(self, data: bytes, addr: Address) -> None:
+    def datagrams_received(self, datagrams: Datagrams) -> None:
         assert self._loop is not None
-        dispatch = self._dispatch
-        for event in self.endpoint.receive_datagram(data, addr, self._loop.time()):
-            dispatch[type(event)](event)
+        now = self._loop.time()
+        receive, dispatch = self.endpoint.receive_datagram, self._dispatch
+        for data, addr in datagrams:
+            for event in receive(data, addr, now):
+                dispatch[type(event)](event)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
@@ -172,12 +165,11 @@ class CoapServer:
         """Send what the endpoint queued and re-arm the timer: once per loop iteration, however many
         datagrams were read and answers resolved in it."""
         self._flush_scheduled = False
-        transport, loop = self._transport, self._loop
-        if transport is None or loop is None:
+        sock, loop = self._socket, self._loop
+        if sock is None or loop is None:
             return
         endpoint = self.endpoint
-        for data, addr in endpoint.datagrams_to_send(0.0):
-            transport.sendto(data, addr)
+        sock.send(endpoint.datagrams_to_send(0.0))
         when = endpoint.get_timer()
         if when is None or (self._timer is not None and self._timer_at <= when):
             return
@@ -392,12 +384,3 @@ async def _resume(coro: Coroutine[Any, Any, None], awaited: Any) -> None:
     except BaseException:
         coro.close()
         raise
-
-
-class _Protocol(asyncio.DatagramProtocol):
-    def __init__(self, server: CoapServer) -> None:
-        self.datagram_received = server.datagram_received  # type: ignore[method-assign]
-
-    def error_received(self, exc: Exception) -> None:
-        """ICMP errors (a client's port closed) are per peer: log and keep reading — never stop serving."""
-        log.debug("CoAP socket error: %s", exc)
