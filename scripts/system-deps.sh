@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests and benchmarks use, only those missing (real clients and servers:
-# mosquitto, libcoap, redis, nginx, wrk, curl). Needs root or sudo; does nothing when all are present.
+# mosquitto, libcoap, redis, nginx, wrk, curl; strace to watch the store's system calls). Needs root or sudo;
+# does nothing when all are present.
 set -euo pipefail
 declare -A want=(
   [mosquitto]=mosquitto [mosquitto_pub]=mosquitto-clients [coap-client-notls]=libcoap3-bin
-  [redis-server]=redis-server [nginx]=nginx-light [wrk]=wrk [curl]=curl [taskset]=util-linux
+  [redis-server]=redis-server [nginx]=nginx-light [wrk]=wrk [curl]=curl [taskset]=util-linux [strace]=strace
 )
 missing=()
 for cmd in "${!want[@]}"; do

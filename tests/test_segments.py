@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
+import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -215,6 +218,48 @@ def test_writers_taking_turns_follow_each_others_appends_and_roll_overs(tmp_path
     assert entries(tmp_path) == expected
 
 
+APPEND_UNDER_STRACE = """
+import sys
+from pathlib import Path
+from tb_gateway.sinks import segments
+if sys.argv[2] == "python":
+    segments._speedups = None
+writer = segments.SegmentWriter(Path(sys.argv[1]), 65536)
+writer.open()
+writer.append([b"warm-up"])
+print("MARK", flush=True)
+writer.append([b'{"a":1}', b'{"b":2}'])
+print("DONE", flush=True)
+"""
+
+
+@pytest.mark.parametrize("path", ["c", "python"])
+def test_an_append_is_one_locked_write_and_sync_in_that_order(tmp_path: Path, path: str) -> None:
+    """Watched with strace: both paths take the lock, check the tail, write, fdatasync, then unlock — the
+    append returns (and the sink acknowledges) only after the sync."""
+    assert path == "python" or segments._speedups is not None
+    trace = tmp_path / "trace"
+    command = ["strace", "-f", "-e", "trace=flock,pread64,pwrite64,fdatasync,write", "-o", str(trace)]
+    script = [sys.executable, "-c", APPEND_UNDER_STRACE, str(tmp_path / "log"), path]
+    subprocess.run(
+        command + script,
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    calls, between = [], False
+    for line in trace.read_text().splitlines():
+        if re.search(r'write\(1, "MARK', line):
+            between = True
+        elif re.search(r'write\(1, "DONE', line):
+            break
+        elif between and (found := re.match(r"\d+\s+(\w+)\((.*)", line)) and found[1] != "write":
+            calls.append(
+                found[1] + ("(LOCK_EX)" if "LOCK_EX" in found[2] else "(LOCK_UN)" if "LOCK_UN" in found[2] else "")
+            )
+    assert calls == ["flock(LOCK_EX)", "pread64", "pwrite64", "fdatasync", "flock(LOCK_UN)"]
+
+
 class Crashed(BaseException):
     """The process died (BaseException: the writer must not catch it)."""
 
@@ -285,7 +330,11 @@ def test_any_crash_leaves_exactly_the_acknowledged_entries_and_a_prefix_of_the_t
     outcomes: list[tuple[list[bytes], bool]] = []
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp) / "messages"
-        with mock.patch.object(segments, "os", CrashingOs(0, ("prefix", 0))) as fake:
+        # the Python path, whose every system call the fake os can break (the C one is the same sequence)
+        with (
+            mock.patch.object(segments, "_speedups", None),
+            mock.patch.object(segments, "os", CrashingOs(0, ("prefix", 0))) as fake,
+        ):
 
             def start() -> SegmentWriter:
                 while True:  # the restarted process may crash again while it opens the log

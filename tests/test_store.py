@@ -73,6 +73,8 @@ def test_write_failure_is_retriable_and_reported_in_health(
     def failing_call(*args: object) -> None:
         raise OSError(errno.EIO, "Input/output error")
 
+    monkeypatch.setattr(segments, "_speedups", None)  # the Python path: its system calls can be made to fail
+
     async def main() -> None:
         sink = StoreSink(path)
         await sink.start()
@@ -97,6 +99,7 @@ def test_write_failure_is_retriable_and_reported_in_health(
 def test_deliver_returns_only_after_the_written_segment_is_synced(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(segments, "_speedups", None)  # the Python path, whose system calls can be watched
     events: list[str] = []
     pwrite, fdatasync = os.pwrite, os.fdatasync
     monkeypatch.setattr(segments.os, "pwrite", lambda fd, data, at: events.append("pwrite") or pwrite(fd, data, at))
@@ -116,6 +119,49 @@ def test_deliver_returns_only_after_the_written_segment_is_synced(
     assert segment.name == "00000000000000000001.log"
     assert segment.stat().st_size == 64 * 1024  # preallocated: appending never grows the file
     assert segment.stat().st_blocks * 512 >= 64 * 1024
+
+
+def test_the_c_durable_append_reports_a_failing_write_and_the_store_recovers(tmp_path: Path) -> None:
+    """The C path (one flock .. fdatasync sequence): a write the kernel refuses is an OSError, not an
+    acknowledgement; the writer forgets its position and the next batch goes to the right place."""
+    assert segments._speedups is not None
+    path = tmp_path / "messages"
+
+    async def main() -> None:
+        sink = StoreSink(path)
+        await sink.start()
+        await sink.deliver([rec(1, a=1)])
+        writer = sink._log
+        assert writer._fd is not None
+        good = writer._fd
+        writer._fd = os.open(next(path.glob("*.log")), os.O_RDONLY)  # pwrite now fails: EBADF
+        os.close(good)
+        with pytest.raises(RetriableSinkError, match="embedded store write failed"):
+            await sink.deliver([rec(2, a=2)])
+        assert sink.health()["status"] == "down"
+        assert writer._fd is None  # forgotten: re-read from disk before the next write
+        assert await sink.deliver([rec(3, a=3), rec(4, a=4)]) == [Outcome.DELIVERED] * 2
+        assert sink.health()["status"] == "up"
+        await sink.close()
+
+    asyncio.run(main())
+    assert [(r["seq"], r["ts"]) for r in read_messages(path)] == [(1, 1), (2, 3), (3, 4)]
+
+
+def test_the_c_durable_append_steps_aside_when_another_writer_moved_the_tail(tmp_path: Path) -> None:
+    assert segments._speedups is not None
+    one, two = segments.SegmentWriter(tmp_path, 4096), segments.SegmentWriter(tmp_path, 4096)
+    one.open()
+    two.open()
+    assert one.append([b'{"n":1}']) == 1
+    tail = one._cursor.offset
+    data = b"x" * 40
+    assert two.append([b'{"n":2}']) == 2  # two caught up over one's entry and wrote at the old tail
+    assert segments._speedups.append_durably(one._lock_fd, one._fd, data, tail) is False  # nothing written
+    assert one.append([b'{"n":3}']) == 3  # the locked path catches up, then writes after two's entry
+    one.close()
+    two.close()
+    assert [p for _, p in segments.read_log(tmp_path)] == [b'{"n":1}', b'{"n":2}', b'{"n":3}']
 
 
 def test_attribute_store_answers_like_thingsboard_and_persists(tmp_path: Path) -> None:

@@ -1,5 +1,5 @@
 /* Optional C fast paths for the per-record hot spots: normalize.py (typing a payload's values),
- * sinks/segments.py (framing store entries, which runs on the store's writer thread while it holds the GIL),
+ * sinks/segments.py (framing store entries and writing them durably, with the GIL released once a batch),
  * coap/codec.py (parsing a datagram) and coap/server.py (a batch of datagrams per system call).
  *
  * The Python code stays the reference. The normalization functions handle only what is unambiguous and
@@ -13,7 +13,9 @@
 #include <errno.h>
 #include <math.h>
 #include <netinet/in.h>
+#include <sys/file.h>
 #include <sys/socket.h>
+#include <unistd.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -322,6 +324,85 @@ speedups_frame(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return Py_BuildValue("(NnLKk)", out, end, offset + size, seq, (unsigned long)crc);
 }
 
+
+/* ---- The embedded store's durable append (sinks/segments.py), in one release of the GIL ----
+ *
+ * append_durably(lock_fd, fd, data, offset) -> bool: under flock(lock_fd), if the 16 bytes at `offset` are
+ * still zero (no other writer appended since this one's last write), pwrite `data` there and fdatasync;
+ * True once durable. False, having written nothing, when another writer moved the tail: the caller catches
+ * up the slow way and frames again. An I/O error raises OSError, the lock released. The Python path does the
+ * same in five system calls that each release and take back the GIL, while the event loop thread wants it. */
+static PyObject *
+speedups_append_durably(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4 || !PyBytes_CheckExact(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "append_durably(lock_fd: int, fd: int, data: bytes, offset: int)");
+        return NULL;
+    }
+    int lock_fd = PyLong_AsLong(args[0]), fd = PyLong_AsLong(args[1]);
+    long long offset = PyLong_AsLongLong(args[3]);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    const char *data = PyBytes_AS_STRING(args[2]);
+    Py_ssize_t size = PyBytes_GET_SIZE(args[2]);
+    int failed = 0, moved = 0, error = 0;
+    Py_BEGIN_ALLOW_THREADS
+    int locked;
+    do {
+        locked = flock(lock_fd, LOCK_EX);
+    } while (locked < 0 && errno == EINTR);
+    if (locked < 0) {
+        failed = 1;
+        error = errno;
+    }
+    else {
+        unsigned char header[HEADER_SIZE];
+        ssize_t got;
+        do {
+            got = pread(fd, header, HEADER_SIZE, (off_t)offset);
+        } while (got < 0 && errno == EINTR);
+        if (got < 0) {
+            failed = 1;
+            error = errno;
+        }
+        else if (got < HEADER_SIZE) {
+            moved = 1; /* the file is shorter than it was: the slow path gives it its room back */
+        }
+        else {
+            for (int i = 0; i < HEADER_SIZE; i++) {
+                moved |= header[i] != 0;
+            }
+        }
+        Py_ssize_t at = 0;
+        while (!failed && !moved && at < size) {
+            ssize_t written = pwrite(fd, data + at, (size_t)(size - at), (off_t)(offset + at));
+            if (written < 0 && errno != EINTR) {
+                failed = 1;
+                error = errno;
+            }
+            else if (written > 0) {
+                at += written;
+            }
+            else if (written == 0) {
+                failed = 1; /* a regular file never takes nothing: do not spin */
+                error = EIO;
+            }
+        }
+        if (!failed && !moved && fdatasync(fd) < 0) {
+            failed = 1;
+            error = errno;
+        }
+        while (0 && flock(lock_fd, LOCK_UN) < 0 && errno == EINTR) {
+        }
+    }
+    Py_END_ALLOW_THREADS
+    if (failed) {
+        errno = error;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyBool_FromLong(!moved);
+}
 
 /* ---- CoAP: codec.decode() for well-formed messages ---- */
 
@@ -637,6 +718,9 @@ static PyMethodDef methods[] = {
     {"telemetry", (PyCFunction)(void (*)(void))speedups_telemetry, METH_FASTCALL,
      "telemetry(document, now_ms, type_cast, max_string_length) -> list | None: groups, or None to ask "
      "normalize.py"},
+    {"append_durably", (PyCFunction)(void (*)(void))speedups_append_durably, METH_FASTCALL,
+     "append_durably(lock_fd, fd, data, offset) -> bool: flock, check the tail, pwrite, fdatasync, unlock "
+     "(False: another writer appended, nothing written)"},
     {"coap_decode", (PyCFunction)(void (*)(void))speedups_coap_decode, METH_FASTCALL,
      "coap_decode(data) -> (type, code, mid, token, options, payload) | None: codec.decode() for well-formed "
      "messages"},

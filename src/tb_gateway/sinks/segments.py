@@ -44,7 +44,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-try:  # framing in C (src/tb_gateway/_speedups.c): the writer thread then holds the GIL once per batch
+try:  # framing and the durable write in C (src/tb_gateway/_speedups.c): the writer thread gives up the GIL once a batch
     from tb_gateway import _speedups
 except ImportError:  # pragma: no cover - built without a C compiler: frame() below does the same
     _speedups = None  # type: ignore[assignment]
@@ -220,6 +220,10 @@ class SegmentWriter:
         acknowledged (they may still survive); the next append re-reads the tail from disk."""
         if any(len(p) > MAX_PAYLOAD for p in payloads):
             raise ValueError(f"an entry is larger than {MAX_PAYLOAD} bytes")
+        if _speedups is not None and self._fd is not None and type(payloads) is list:
+            first = self._append_in_c(payloads)
+            if first is not None:
+                return first
         with self._locked():
             try:
                 self._catch_up()
@@ -228,6 +232,27 @@ class SegmentWriter:
             except OSError:
                 self._forget_position()
                 raise
+        return first
+
+    def _append_in_c(self, payloads: list[bytes]) -> int | None:
+        """The common case, with the GIL released once: everything fits the current segment and no other
+        writer appended since our last write. None when it is not (nothing written): the locked path then
+        catches up or rolls over and frames again."""
+        assert _speedups is not None and self._fd is not None and self._lock_fd is not None
+        cursor = self._cursor
+        data, done, offset, seq, crc = _speedups.frame(
+            payloads, 0, cursor.offset, cursor.seq, cursor.crc, self._size - HEADER.size
+        )
+        if done < len(payloads):
+            return None
+        try:
+            if not _speedups.append_durably(self._lock_fd, self._fd, data, cursor.offset):
+                return None
+        except OSError:
+            self._forget_position()
+            raise
+        first = cursor.seq
+        cursor.offset, cursor.seq, cursor.crc = offset, seq, crc
         return first
 
     def close(self) -> None:
