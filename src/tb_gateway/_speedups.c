@@ -393,7 +393,7 @@ speedups_append_durably(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             failed = 1;
             error = errno;
         }
-        while (0 && flock(lock_fd, LOCK_UN) < 0 && errno == EINTR) {
+        while (flock(lock_fd, LOCK_UN) < 0 && errno == EINTR) {
         }
     }
     Py_END_ALLOW_THREADS
