@@ -331,7 +331,8 @@ speedups_frame(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
  * still zero (no other writer appended since this one's last write), pwrite `data` there and fdatasync;
  * True once durable. False, having written nothing, when another writer moved the tail: the caller catches
  * up the slow way and frames again. An I/O error raises OSError, the lock released. The Python path does the
- * same in five system calls that each release and take back the GIL, while the event loop thread wants it. */
+ * same in five system calls that each release and take back the GIL, while the event loop thread wants it;
+ * here the GIL is given up twice: for the lock (which may wait on another writer) and for the rest. */
 static PyObject *
 speedups_append_durably(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -346,55 +347,59 @@ speedups_append_durably(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
     const char *data = PyBytes_AS_STRING(args[2]);
     Py_ssize_t size = PyBytes_GET_SIZE(args[2]);
-    int failed = 0, moved = 0, error = 0;
-    Py_BEGIN_ALLOW_THREADS
-    int locked;
-    do {
+    int failed = 0, moved = 0, error = 0, locked;
+    for (;;) { /* PEP 475: a signal retries the wait, unless its handler raised (Ctrl-C, a test's timeout) */
+        Py_BEGIN_ALLOW_THREADS
         locked = flock(lock_fd, LOCK_EX);
-    } while (locked < 0 && errno == EINTR);
-    if (locked < 0) {
+        Py_END_ALLOW_THREADS
+        if (locked == 0) {
+            break;
+        }
+        if (errno != EINTR) {
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+        if (PyErr_CheckSignals() < 0) {
+            return NULL;
+        }
+    }
+    Py_BEGIN_ALLOW_THREADS
+    unsigned char header[HEADER_SIZE];
+    ssize_t got;
+    do {
+        got = pread(fd, header, HEADER_SIZE, (off_t)offset);
+    } while (got < 0 && errno == EINTR);
+    if (got < 0) {
         failed = 1;
         error = errno;
     }
+    else if (got < HEADER_SIZE) {
+        moved = 1; /* the file is shorter than it was: the slow path gives it its room back */
+    }
     else {
-        unsigned char header[HEADER_SIZE];
-        ssize_t got;
-        do {
-            got = pread(fd, header, HEADER_SIZE, (off_t)offset);
-        } while (got < 0 && errno == EINTR);
-        if (got < 0) {
+        for (int i = 0; i < HEADER_SIZE; i++) {
+            moved |= header[i] != 0;
+        }
+    }
+    Py_ssize_t at = 0;
+    while (!failed && !moved && at < size) {
+        ssize_t written = pwrite(fd, data + at, (size_t)(size - at), (off_t)(offset + at));
+        if (written < 0 && errno != EINTR) {
             failed = 1;
             error = errno;
         }
-        else if (got < HEADER_SIZE) {
-            moved = 1; /* the file is shorter than it was: the slow path gives it its room back */
+        else if (written > 0) {
+            at += written;
         }
-        else {
-            for (int i = 0; i < HEADER_SIZE; i++) {
-                moved |= header[i] != 0;
-            }
+        else if (written == 0) {
+            failed = 1; /* a regular file never takes nothing: do not spin */
+            error = EIO;
         }
-        Py_ssize_t at = 0;
-        while (!failed && !moved && at < size) {
-            ssize_t written = pwrite(fd, data + at, (size_t)(size - at), (off_t)(offset + at));
-            if (written < 0 && errno != EINTR) {
-                failed = 1;
-                error = errno;
-            }
-            else if (written > 0) {
-                at += written;
-            }
-            else if (written == 0) {
-                failed = 1; /* a regular file never takes nothing: do not spin */
-                error = EIO;
-            }
-        }
-        if (!failed && !moved && fdatasync(fd) < 0) {
-            failed = 1;
-            error = errno;
-        }
-        while (flock(lock_fd, LOCK_UN) < 0 && errno == EINTR) {
-        }
+    }
+    if (!failed && !moved && fdatasync(fd) < 0) {
+        failed = 1;
+        error = errno;
+    }
+    while (flock(lock_fd, LOCK_UN) < 0 && errno == EINTR) {
     }
     Py_END_ALLOW_THREADS
     if (failed) {
