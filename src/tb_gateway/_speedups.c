@@ -22,8 +22,10 @@
 #define MAX_KEY_LENGTH 255
 #define HEADER_SIZE 16 /* segments.HEADER: "<IIQ" payload length, chained crc32, seq */
 
-/* CRC-32 (IEEE 802.3, reflected 0xEDB88320), the same function as zlib.crc32. */
-static uint32_t crc_table[256];
+/* CRC-32 (IEEE 802.3, reflected 0xEDB88320), the same function as zlib.crc32, eight bytes a step
+ * ("slicing-by-8": table k is the CRC of a byte followed by k zero bytes); a table-per-byte loop was 3% of the
+ * gateway's CPU under MQTT load. */
+static uint32_t crc_tables[8][256];
 
 static void
 crc_init(void)
@@ -33,7 +35,13 @@ crc_init(void)
         for (int k = 0; k < 8; k++) {
             c = c & 1 ? 0xEDB88320u ^ (c >> 1) : c >> 1;
         }
-        crc_table[n] = c;
+        crc_tables[0][n] = c;
+    }
+    for (uint32_t n = 0; n < 256; n++) {
+        for (int k = 1; k < 8; k++) {
+            uint32_t c = crc_tables[k - 1][n];
+            crc_tables[k][n] = crc_tables[0][c & 0xFF] ^ (c >> 8);
+        }
     }
 }
 
@@ -41,8 +49,15 @@ static uint32_t
 crc32_update(uint32_t crc, const unsigned char *data, Py_ssize_t n)
 {
     crc = ~crc;
+    for (; n >= 8; data += 8, n -= 8) {
+        uint32_t low = crc ^ ((uint32_t)data[0] | (uint32_t)data[1] << 8 | (uint32_t)data[2] << 16 | (uint32_t)data[3] << 24);
+        uint32_t high = (uint32_t)data[4] | (uint32_t)data[5] << 8 | (uint32_t)data[6] << 16 | (uint32_t)data[7] << 24;
+        crc = crc_tables[7][low & 0xFF] ^ crc_tables[6][(low >> 8) & 0xFF] ^ crc_tables[5][(low >> 16) & 0xFF]
+              ^ crc_tables[4][low >> 24] ^ crc_tables[3][high & 0xFF] ^ crc_tables[2][(high >> 8) & 0xFF]
+              ^ crc_tables[1][(high >> 16) & 0xFF] ^ crc_tables[0][high >> 24];
+    }
     for (Py_ssize_t i = 0; i < n; i++) {
-        crc = crc_table[(crc ^ data[i]) & 0xFF] ^ (crc >> 8);
+        crc = crc_tables[0][(crc ^ data[i]) & 0xFF] ^ (crc >> 8);
     }
     return ~crc;
 }
