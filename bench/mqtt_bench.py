@@ -17,6 +17,7 @@ from bench.common import (
     alternate,
     free_port,
     loadgen,
+    median_latency,
     pinned,
     process,
     register_devices,
@@ -66,8 +67,10 @@ def throughput(seconds: float) -> list[dict[str, Any]]:
                 )
                 reference, ours = medians["mosquitto"], medians["gateway"]
                 if inflight > 1:  # DESIGN.md §7: latency from send to PUBACK at half the maximum, and at 20k/s
-                    half = run_load(*load, *target, "-rate", str(max(1.0, ours["rate_per_s"] / 2)))
-                    fixed = run_load(*load, *target, "-rate", str(OPEN_LOOP_RATE))
+                    half = median_latency(
+                        partial(run_load, *load, *target, "-rate", str(max(1.0, ours["rate_per_s"] / 2)))
+                    )
+                    fixed = median_latency(partial(run_load, *load, *target, "-rate", str(OPEN_LOOP_RATE)))
             finally:
                 gw.stop()
         rows.append(result_row(f"mqtt qos1 {conns}x{inflight}", ours, reference, "mosquitto"))
