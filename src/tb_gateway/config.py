@@ -111,7 +111,7 @@ class Settings(BaseSettings):
     kafka_linger_ms: Annotated[int, Field(ge=0, le=900_000)] = 1  # 0 = lowest latency; more = bigger batches
     kafka_compression: KafkaCompression = KafkaCompression.LZ4  # JSON shrinks ~3x; lz4 costs least CPU
     kafka_delivery_timeout_ms: Annotated[int, Field(ge=1000)] = 10_000  # then a record is spooled instead
-    kafka_max_in_flight_batches: Positive = 4  # pipeline batches awaiting Kafka's acks at once
+    kafka_max_in_flight_batches: Positive = 3  # batches awaiting acks at once; fewer: lower latency (docs/pipeline.md)
     kafka_message_max_bytes: Annotated[int, Field(ge=1000)] = 1_000_000  # larger records are rejected
 
     # --- downlink: server-side RPC, shared attributes, client-side RPC, device state (docs/downlink.md) ---

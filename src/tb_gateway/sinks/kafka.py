@@ -101,7 +101,7 @@ class KafkaSink:
         compression: str = "lz4",
         delivery_timeout_ms: int = 10_000,
         message_max_bytes: int = 1_000_000,
-        max_in_flight: int = 4,
+        max_in_flight: int = 3,
         startup_probe_s: float = STARTUP_PROBE_S,
         extra_config: Mapping[str, Any] | None = None,
     ) -> None:
