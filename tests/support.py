@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,33 @@ class MemorySink:
 
     def health(self) -> dict[str, Any]:
         return {"status": "up"}
+
+
+class CallbackMemorySink(MemorySink):
+    """A MemorySink that also offers ``deliver_then`` (sinks.base.CallbackSink), which the pipeline prefers.
+
+    ``raise_at_once`` makes ``deliver_then`` itself raise, as a sink whose delivery cannot even start would.
+    """
+
+    def __init__(self, max_in_flight: int = 1, delay_s: float = 0.0) -> None:
+        super().__init__(max_in_flight, delay_s)
+        self.raise_at_once: Exception | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def deliver_then(self, batch: Sequence[Record], done: Callable[[Any], None]) -> None:
+        if self.raise_at_once is not None:
+            raise self.raise_at_once
+
+        async def deliver() -> None:
+            try:
+                answer: Any = await self.deliver(batch)
+            except Exception as exc:
+                answer = exc
+            done(answer)
+
+        task = asyncio.get_running_loop().create_task(deliver())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
 
 class TokenSource:

@@ -6,15 +6,19 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tb_gateway.errors import RetriableSinkError
 from tb_gateway.metrics import Metrics
-from tb_gateway.pipeline import GROUP_COMMIT_ENOUGH, Pipeline
+from tb_gateway.pipeline import GROUP_COMMIT_ENOUGH, Pipeline, when_settled
 from tb_gateway.records import DeviceIdentity, Record, RecordKind, Transport
 from tb_gateway.sinks.base import Outcome
-from tests.support import MemorySink
+from tests.support import CallbackMemorySink, MemorySink
+
+# the pipeline awaits a plain sink's deliver in a task, and hands a CallbackSink its batch with a callback
+each_sink_kind = pytest.mark.parametrize("sink_class", [MemorySink, CallbackMemorySink])
 
 DEVICES = [DeviceIdentity(f"id{n}", f"dev{n}") for n in range(4)]
 
@@ -43,6 +47,7 @@ def run(
     return asyncio.run(main())
 
 
+@each_sink_kind
 @settings(max_examples=60, deadline=None)
 @given(
     messages=st.lists(st.tuples(st.integers(0, 3), st.integers(1, 3)), min_size=1, max_size=60),
@@ -51,7 +56,7 @@ def run(
     yields=st.lists(st.booleans(), max_size=60),
 )
 def test_nothing_lost_order_kept_batches_bounded(
-    messages: list[tuple[int, int]], batch_size: int, in_flight: int, yields: list[bool]
+    sink_class: type[MemorySink], messages: list[tuple[int, int]], batch_size: int, in_flight: int, yields: list[bool]
 ) -> None:
     async def scenario(pipeline: Pipeline, sink: MemorySink) -> None:
         futures = []
@@ -74,9 +79,9 @@ def test_nothing_lost_order_kept_batches_bounded(
 
     # with several deliveries in flight, order holds only when the sink keeps one at a time per device;
     # the pipeline's guarantee is order of hand-over, so check it with one slot and the bound with many
-    run(scenario, MemorySink(max_in_flight=1), batch_size=batch_size)
+    run(scenario, sink_class(max_in_flight=1), batch_size=batch_size)
     if in_flight > 1:
-        sink = MemorySink(max_in_flight=in_flight)
+        sink = sink_class(max_in_flight=in_flight)
 
         async def bounded(pipeline: Pipeline, sink: MemorySink) -> None:
             futures = [pipeline.submit([record(d, i)]) for i, (d, _) in enumerate(messages)]
@@ -139,7 +144,8 @@ def test_without_group_commit_every_message_leaves_at_once() -> None:
     run(scenario, batch_size=100)
 
 
-def test_batch_fills_while_the_sink_is_busy() -> None:
+@each_sink_kind
+def test_batch_fills_while_the_sink_is_busy(sink_class: type[MemorySink]) -> None:
     async def scenario(pipeline: Pipeline, sink: MemorySink) -> None:
         sink.gate.clear()
         first = pipeline.submit([record(0, 0)])
@@ -149,7 +155,7 @@ def test_batch_fills_while_the_sink_is_busy() -> None:
         await asyncio.gather(first, *rest)  # type: ignore[arg-type]
         assert [len(b) for b in sink.batches] == [1, 10, 10, 5]
 
-    run(scenario, batch_size=10)
+    run(scenario, sink_class(), batch_size=10)
 
 
 def test_batch_timeout_bounds_the_linger_while_the_sink_is_busy() -> None:
@@ -203,7 +209,8 @@ def test_wait_for_room_returns_once_the_queue_drains() -> None:
     run(scenario, max_queue=2)
 
 
-def test_sink_failure_answers_the_batch_and_the_pipeline_goes_on() -> None:
+@each_sink_kind
+def test_sink_failure_answers_the_batch_and_the_pipeline_goes_on(sink_class: type[MemorySink]) -> None:
     async def scenario(pipeline: Pipeline, sink: MemorySink) -> None:
         sink.fail_with = RetriableSinkError("backend down")
         assert await pipeline.submit([record(0, 0)]) is Outcome.SINK_FAILED  # type: ignore[misc]
@@ -213,13 +220,14 @@ def test_sink_failure_answers_the_batch_and_the_pipeline_goes_on() -> None:
     run(scenario)
 
 
-def test_a_message_gets_the_worst_outcome_of_its_records() -> None:
+@each_sink_kind
+def test_a_message_gets_the_worst_outcome_of_its_records(sink_class: type[MemorySink]) -> None:
     async def scenario(pipeline: Pipeline, sink: MemorySink) -> None:
         sink.outcome_for["dev1"] = Outcome.REJECTED
         mixed = pipeline.submit([record(0, 0), record(1, 1)])
         assert await mixed is Outcome.REJECTED  # type: ignore[misc]
 
-    run(scenario)
+    run(scenario, sink_class())
 
 
 def test_empty_message_is_answered_at_once() -> None:
@@ -230,8 +238,9 @@ def test_empty_message_is_answered_at_once() -> None:
     run(scenario)
 
 
-def test_close_flushes_everything_admitted_and_refuses_the_rest() -> None:
-    sink = MemorySink(delay_s=0.01)
+@each_sink_kind
+def test_close_flushes_everything_admitted_and_refuses_the_rest(sink_class: type[MemorySink]) -> None:
+    sink = sink_class(delay_s=0.01)
 
     async def main() -> None:
         pipeline = Pipeline(sink, Metrics(), batch_size=3, batch_timeout_s=3600.0, max_queue=100)
@@ -246,8 +255,9 @@ def test_close_flushes_everything_admitted_and_refuses_the_rest() -> None:
     asyncio.run(main())
 
 
+@each_sink_kind
 def test_an_unexpected_sink_exception_answers_the_batch_without_stopping_the_pipeline(
-    caplog: Any,
+    sink_class: type[MemorySink], caplog: Any
 ) -> None:
     async def scenario(pipeline: Pipeline, sink: MemorySink) -> None:
         sink.fail_with = ZeroDivisionError("bug")
@@ -255,5 +265,90 @@ def test_an_unexpected_sink_exception_answers_the_batch_without_stopping_the_pip
         sink.fail_with = None
         assert await pipeline.submit([record(0, 1)]) is Outcome.DELIVERED  # type: ignore[misc]
 
-    run(scenario)
+    run(scenario, sink_class())
     assert "raised unexpectedly" in caplog.text
+
+
+def test_a_callback_sink_that_cannot_start_a_delivery_answers_the_batch_and_the_pipeline_goes_on(
+    caplog: Any,
+) -> None:
+    async def scenario(pipeline: Pipeline, sink: MemorySink) -> None:
+        assert isinstance(sink, CallbackMemorySink)
+        sink.raise_at_once = RetriableSinkError("cannot start")
+        assert await pipeline.submit([record(0, 0)]) is Outcome.SINK_FAILED  # type: ignore[misc]
+        sink.raise_at_once = ZeroDivisionError("bug")
+        assert await pipeline.submit([record(0, 1)]) is Outcome.SINK_FAILED  # type: ignore[misc]
+        sink.raise_at_once = None
+        assert await pipeline.submit([record(0, 2)]) is Outcome.DELIVERED  # type: ignore[misc]
+        assert [r.ts for r in sink.records] == [2]
+
+    run(scenario, CallbackMemorySink())
+    assert "cannot start" in caplog.text and "raised unexpectedly" in caplog.text
+
+
+@each_sink_kind
+def test_when_settled_runs_in_the_turn_that_settles_the_batch_after_all_its_tickets(
+    sink_class: type[MemorySink],
+) -> None:
+    """No scheduling hop between a batch's outcome and the transports' answers (each costs a loop pass)."""
+
+    async def scenario(pipeline: Pipeline, sink: MemorySink) -> None:
+        sink.gate.clear()
+        tickets = [pipeline.submit([record(n, n)]) for n in range(3)]
+        assert all(isinstance(t, asyncio.Future) for t in tickets)
+        seen: list[Any] = []
+
+        def direct(future: asyncio.Future[Outcome]) -> None:
+            seen.append(("direct", future.result(), [t.done() for t in tickets]))  # type: ignore[union-attr]
+
+        # registered first, yet called second: add_done_callback schedules, when_settled does not
+        tickets[0].add_done_callback(lambda _: seen.append("scheduled"))  # type: ignore[union-attr]
+        when_settled(tickets[0], direct)  # type: ignore[arg-type]
+        await asyncio.sleep(0.01)
+        assert seen == []
+        sink.gate.set()
+        await asyncio.gather(*tickets)  # type: ignore[arg-type]
+        assert seen == [("direct", Outcome.DELIVERED, [True, True, True]), "scheduled"]
+
+    run(scenario, sink_class(), batch_size=10)
+
+
+def test_when_settled_callbacks_run_in_order_and_a_failing_one_stops_no_other() -> None:
+    async def scenario(pipeline: Pipeline, sink: MemorySink) -> None:
+        loop = asyncio.get_running_loop()
+        reported: list[BaseException] = []
+        loop.set_exception_handler(lambda _, context: reported.append(context["exception"]))
+        sink.gate.clear()
+        first, second = pipeline.submit([record(0, 0)]), pipeline.submit([record(1, 1)])
+        calls: list[str] = []
+
+        def broken(_: Any) -> None:
+            calls.append("broken")
+            raise ZeroDivisionError("transport bug")
+
+        when_settled(first, broken)  # type: ignore[arg-type]
+        when_settled(first, lambda _: calls.append("first"))  # type: ignore[arg-type]
+        when_settled(second, lambda _: calls.append("second"))  # type: ignore[arg-type]
+        sink.gate.set()
+        await asyncio.gather(first, second)  # type: ignore[arg-type]
+        assert calls == ["broken", "first", "second"]
+        assert [type(e) for e in reported] == [ZeroDivisionError]
+        assert await pipeline.submit([record(0, 2)]) is Outcome.DELIVERED  # type: ignore[misc]
+
+    run(scenario, CallbackMemorySink())
+
+
+def test_when_settled_on_a_settled_ticket_or_another_future_still_calls_back() -> None:
+    async def scenario(pipeline: Pipeline, sink: MemorySink) -> None:
+        ticket = pipeline.submit([record(0, 0)])
+        await ticket  # type: ignore[misc]
+        other: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        calls: list[Any] = []
+        when_settled(ticket, lambda f: calls.append(f.result()))  # type: ignore[arg-type]
+        when_settled(other, lambda f: calls.append(f.result()))
+        other.set_result(Outcome.REJECTED)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert calls == [Outcome.DELIVERED, Outcome.REJECTED]
+
+    run(scenario)

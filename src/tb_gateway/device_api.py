@@ -34,7 +34,7 @@ from tb_gateway.errors import PayloadError
 from tb_gateway.logs import Throttle
 from tb_gateway.metrics import Metrics
 from tb_gateway.normalize import ValueRules, attributes, parse_json, telemetry
-from tb_gateway.pipeline import Pipeline
+from tb_gateway.pipeline import Pipeline, when_settled
 from tb_gateway.ratelimit import configured, format_limit
 from tb_gateway.records import DeviceIdentity, Record, RecordKind, Transport
 from tb_gateway.sinks.base import Outcome
@@ -138,7 +138,7 @@ class DeviceApi:
                 self.refused(device, transport, admitted.value)
             return admitted
         if kind is RecordKind.ATTRIBUTES:
-            admitted.add_done_callback(lambda done: self._attributes_delivered(done, records))
+            when_settled(admitted, lambda done: self._attributes_delivered(done, records))
         return admitted
 
     def now_ms(self) -> int:

@@ -41,6 +41,7 @@ from tb_gateway.coap.sockets import Datagrams, DatagramSocket, open_socket
 from tb_gateway.device_api import DeviceApi
 from tb_gateway.downlink.sessions import Feature
 from tb_gateway.errors import AddressBlocked, CredentialsUnavailable, PayloadError
+from tb_gateway.pipeline import when_settled
 from tb_gateway.ratelimit import ceil_seconds
 from tb_gateway.records import DeviceIdentity, RecordKind, Transport
 from tb_gateway.sinks.base import Outcome
@@ -280,7 +281,7 @@ class CoapServer:
         elif isinstance(admitted, Outcome):
             self._outcome(exchange, admitted)
         else:
-            admitted.add_done_callback(partial(self._delivered, exchange, device))
+            when_settled(admitted, partial(self._delivered, exchange, device))
 
     def _delivered(self, exchange: Exchange, device: DeviceIdentity, future: asyncio.Future[Outcome]) -> None:
         outcome = Outcome.SHUTTING_DOWN if future.cancelled() else future.result()

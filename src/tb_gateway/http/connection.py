@@ -31,6 +31,7 @@ from tb_gateway.errors import AddressBlocked, CredentialsUnavailable
 from tb_gateway.http.handlers import HTTP, Finish, Request, too_many
 from tb_gateway.http.routes import Miss
 from tb_gateway.http.wire import CONTINUE, Answer, Persist, Reply, error, render
+from tb_gateway.pipeline import when_settled
 from tb_gateway.records import DeviceIdentity
 
 if TYPE_CHECKING:
@@ -268,7 +269,7 @@ class HttpConnection(asyncio.Protocol):
             if type(reply) is tuple:
                 future, finish = reply
                 self.busy = True
-                future.add_done_callback(functools.partial(self._resume, request, finish))
+                when_settled(future, functools.partial(self._resume, request, finish))
                 return
             self._finish(request, cast(Reply, reply))
 

@@ -36,6 +36,7 @@ from tb_gateway.mqtt.session import (
     State,
 )
 from tb_gateway.mqtt.topics import Action, Target
+from tb_gateway.pipeline import when_settled
 from tb_gateway.records import DeviceIdentity, Transport
 from tb_gateway.sinks.base import Outcome
 
@@ -561,7 +562,7 @@ class MqttConnection(asyncio.Protocol):
                 head = acks.head()
             if head is not None and head is not self._watching:
                 self._watching = head
-                head.add_done_callback(self._settled)
+                when_settled(head, self._settled)
         out = session.data_to_send()
         if out:
             transport.write(out)

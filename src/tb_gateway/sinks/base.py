@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 from tb_gateway.records import Record
 
@@ -59,3 +59,16 @@ class Sink(Protocol):
     def health(self) -> dict[str, Any]:
         """``{"status": "up" | "degraded" | "down", ...details}`` for /health."""
         ...
+
+
+@runtime_checkable
+class CallbackSink(Sink, Protocol):
+    """A sink that can also report a batch through a plain callback, which the pipeline prefers.
+
+    ``deliver_then(batch, done)`` starts the delivery and returns; ``done`` is later called on the event loop,
+    once, with what ``deliver`` would have returned or the exception it would have raised. Awaiting a
+    coroutine costs two scheduling hops per batch (the task's first step, its wake-up), each waiting for
+    the loop's next pass over the sockets: about 1 ms each under load (docs/pipeline.md).
+    """
+
+    def deliver_then(self, batch: Sequence[Record], done: Callable[[Any], None]) -> None: ...

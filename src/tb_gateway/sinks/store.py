@@ -17,8 +17,9 @@ import contextlib
 import queue
 import threading
 from collections.abc import Callable, Collection, Iterator, Sequence
+from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import orjson
 
@@ -29,7 +30,7 @@ from tb_gateway.sinks.segments import MAX_PAYLOAD, SEGMENT_BYTES, SegmentWriter,
 
 T = TypeVar("T")
 TEMPLATES_MAX = 10_000  # encoded record prefixes kept (device x kind x transport); cleared when full
-_Job = tuple[Callable[[], Any], asyncio.AbstractEventLoop, "asyncio.Future[Any]"]
+_Job = tuple[Callable[[], Any], asyncio.AbstractEventLoop, Callable[[Any, "BaseException | None"], None]]
 
 
 class StoreSink:
@@ -54,20 +55,40 @@ class StoreSink:
         """No background work: every batch is written by ``deliver``."""
 
     async def deliver(self, batch: Sequence[Record]) -> Sequence[Outcome]:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.deliver_then(batch, partial(_answer, future))
+        answer = await future
+        if isinstance(answer, BaseException):
+            raise answer
+        return cast(Sequence[Outcome], answer)
+
+    def deliver_then(self, batch: Sequence[Record], done: Callable[[Any], None]) -> None:
+        """Write ``batch`` on the writer thread; ``done`` gets the outcomes on the loop (CallbackSink)."""
         payloads = [self._encode(r) for r in batch]
         oversized = max(map(len, payloads), default=0) > MAX_PAYLOAD  # never, with MAX_PAYLOAD_SIZE in force
         kept = [p for p in payloads if len(p) <= MAX_PAYLOAD] if oversized else payloads
-        if kept:
-            try:
-                await self._call(lambda: self._log.append(kept))
-            except OSError as exc:  # disk full, I/O error: not acknowledged
+
+        def written(_: Any, exc: BaseException | None) -> None:
+            if isinstance(exc, OSError):  # disk full, I/O error: not acknowledged
                 self._last_error = str(exc)
-                raise RetriableSinkError(f"embedded store write failed: {exc}") from exc
-        self._last_error = None
-        self.stored += len(kept)
-        if not oversized:
-            return [Outcome.DELIVERED] * len(payloads)
-        return [Outcome.DELIVERED if len(p) <= MAX_PAYLOAD else Outcome.REJECTED for p in payloads]
+                error = RetriableSinkError(f"embedded store write failed: {exc}")
+                error.__cause__ = exc
+                done(error)
+                return
+            if exc is not None:
+                done(exc)
+                return
+            self._last_error = None
+            self.stored += len(kept)
+            if not oversized:
+                done([Outcome.DELIVERED] * len(payloads))
+            else:
+                done([Outcome.DELIVERED if len(p) <= MAX_PAYLOAD else Outcome.REJECTED for p in payloads])
+
+        if kept:
+            self._submit(lambda: self._log.append(kept), written)
+        else:  # never called back from inside deliver_then: the caller may not expect it yet
+            asyncio.get_running_loop().call_soon(written, None, None)
 
     async def close(self) -> None:
         if self._thread is None:
@@ -114,21 +135,29 @@ class StoreSink:
 
     def _call(self, work: Callable[[], T]) -> asyncio.Future[T]:
         """Runs ``work`` on the writer thread; its result or exception comes back on this loop."""
-        assert self._thread is not None, "start() first"
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
-        self._jobs.put((work, loop, future))
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._submit(work, partial(_settle, future))
         return future
+
+    def _submit(self, work: Callable[[], Any], done: Callable[[Any, BaseException | None], None]) -> None:
+        """Runs ``work`` on the writer thread, then ``done(result, exception)`` on this loop."""
+        assert self._thread is not None, "start() first"
+        self._jobs.put((work, asyncio.get_running_loop(), done))
 
     def _work(self) -> None:
         while (job := self._jobs.get()) is not None:
-            work, loop, future = job
+            work, loop, done = job
             try:
                 outcome: tuple[Any, BaseException | None] = (work(), None)
-            except Exception as exc:  # handed to the awaiting deliver, which decides
+            except Exception as exc:  # handed to ``done``, which decides
                 outcome = (None, exc)
             with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
-                loop.call_soon_threadsafe(_settle, future, *outcome)
+                loop.call_soon_threadsafe(done, *outcome)
+
+
+def _answer(future: asyncio.Future[Any], answer: Any) -> None:
+    if not future.done():  # the awaiting task was cancelled; the write happened anyway
+        future.set_result(answer)
 
 
 def _settle(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
