@@ -92,17 +92,19 @@ def test_nothing_lost_order_kept_batches_bounded(
         run(bounded, sink, batch_size=batch_size)
 
 
-def test_lone_message_on_idle_gateway_does_not_wait_for_the_timeout() -> None:
+@each_sink_kind
+def test_lone_message_on_idle_gateway_does_not_wait_for_the_timeout(sink_class: type[MemorySink]) -> None:
     async def scenario(pipeline: Pipeline, sink: MemorySink) -> None:
         admitted = pipeline.submit([record(0, 1)])
         assert isinstance(admitted, asyncio.Future)
         # the batch timeout is an hour: resolving at all proves the batch left at once
         assert await asyncio.wait_for(admitted, 5) is Outcome.DELIVERED
 
-    run(scenario, batch_timeout_s=3600.0)
+    run(scenario, sink_class(), batch_timeout_s=3600.0)
 
 
-def test_group_commit_spaces_batches_under_a_steady_stream_but_not_a_lone_message() -> None:
+@each_sink_kind
+def test_group_commit_spaces_batches_under_a_steady_stream_but_not_a_lone_message(sink_class: type[MemorySink]) -> None:
     """The embedded store's group commit (STORE_COMMIT_INTERVAL): one batch per interval under load."""
     interval = 0.05
 
@@ -121,10 +123,11 @@ def test_group_commit_spaces_batches_under_a_steady_stream_but_not_a_lone_messag
         assert len(sink.batches) <= 1 + 150 / 50 + 2, [len(batch) for batch in sink.batches]
         assert max(len(batch) for batch in sink.batches) > 1
 
-    run(scenario, batch_size=100, commit_interval_s=interval)
+    run(scenario, sink_class(), batch_size=100, commit_interval_s=interval)
 
 
-def test_group_commit_does_not_hold_a_batch_that_is_already_big_enough() -> None:
+@each_sink_kind
+def test_group_commit_does_not_hold_a_batch_that_is_already_big_enough(sink_class: type[MemorySink]) -> None:
     async def scenario(pipeline: Pipeline, sink: MemorySink) -> None:
         await asyncio.wait_for(pipeline.submit([record(0, 0)]), 5)  # type: ignore[arg-type]
         burst = [pipeline.submit([record(0, seq)]) for seq in range(1, 1 + GROUP_COMMIT_ENOUGH)]
@@ -132,16 +135,17 @@ def test_group_commit_does_not_hold_a_batch_that_is_already_big_enough() -> None
         await asyncio.wait_for(asyncio.gather(*burst), 5)  # type: ignore[arg-type]
         assert [len(batch) for batch in sink.batches] == [1, GROUP_COMMIT_ENOUGH]
 
-    run(scenario, batch_size=1000, commit_interval_s=3600.0)
+    run(scenario, sink_class(), batch_size=1000, commit_interval_s=3600.0)
 
 
-def test_without_group_commit_every_message_leaves_at_once() -> None:
+@each_sink_kind
+def test_without_group_commit_every_message_leaves_at_once(sink_class: type[MemorySink]) -> None:
     async def scenario(pipeline: Pipeline, sink: MemorySink) -> None:
         for seq in range(10):
             await asyncio.wait_for(pipeline.submit([record(0, seq)]), 5)  # type: ignore[arg-type]
         assert [len(batch) for batch in sink.batches] == [1] * 10
 
-    run(scenario, batch_size=100)
+    run(scenario, sink_class(), batch_size=100)
 
 
 @each_sink_kind
@@ -158,7 +162,8 @@ def test_batch_fills_while_the_sink_is_busy(sink_class: type[MemorySink]) -> Non
     run(scenario, sink_class(), batch_size=10)
 
 
-def test_batch_timeout_bounds_the_linger_while_the_sink_is_busy() -> None:
+@each_sink_kind
+def test_batch_timeout_bounds_the_linger_while_the_sink_is_busy(sink_class: type[MemorySink]) -> None:
     async def scenario(pipeline: Pipeline, sink: MemorySink) -> None:
         slow = pipeline.submit([record(0, 0)])  # occupies one of two slots for a long time
         await asyncio.sleep(0.01)
@@ -168,16 +173,54 @@ def test_batch_timeout_bounds_the_linger_while_the_sink_is_busy() -> None:
         assert not slow.done()  # type: ignore[union-attr]
         await slow  # type: ignore[misc]
 
-    class SlowFirst(MemorySink):
-        async def deliver(self, batch: Any) -> Any:
-            if batch[0].ts == 0:
-                await asyncio.sleep(1.0)
-            return await super().deliver(batch)
-
-    run(scenario, SlowFirst(max_in_flight=2), batch_size=100, batch_timeout_s=0.05)
+    run(scenario, slow_first(sink_class(max_in_flight=2), 1.0), batch_size=100, batch_timeout_s=0.05)
 
 
-def test_full_queue_refuses_whole_messages_at_once() -> None:
+def slow_first(sink: MemorySink, delay_s: float) -> MemorySink:
+    """The batch holding the record with ts 0 takes ``delay_s`` to deliver; the others go at once."""
+    deliver = sink.deliver
+
+    async def slowly(batch: Any) -> Any:
+        if batch[0].ts == 0:
+            await asyncio.sleep(delay_s)
+        return await deliver(batch)
+
+    sink.deliver = slowly  # type: ignore[method-assign]
+    return sink
+
+
+@each_sink_kind
+def test_while_the_sink_is_busy_a_batch_lingers_to_fill(sink_class: type[MemorySink]) -> None:
+    async def scenario(pipeline: Pipeline, sink: MemorySink) -> None:
+        slow = pipeline.submit([record(0, 0)])  # takes one of the two slots for a second
+        await asyncio.sleep(0.01)
+        rest = []
+        for seq in (1, 2, 3):  # the sink is busy: these wait together for the batch timeout
+            rest.append(pipeline.submit([record(1, seq)]))
+            await asyncio.sleep(0.01)
+        assert set(await asyncio.gather(*rest)) == {Outcome.DELIVERED}  # type: ignore[arg-type]
+        assert [[r.ts for r in batch] for batch in sink.batches] == [[1, 2, 3]]
+        await slow  # type: ignore[misc]
+
+    run(scenario, slow_first(sink_class(max_in_flight=2), 1.0), batch_size=100, batch_timeout_s=0.2)
+
+
+@each_sink_kind
+def test_a_lingering_batch_leaves_at_the_commit_interval_once_a_slot_frees(sink_class: type[MemorySink]) -> None:
+    async def scenario(pipeline: Pipeline, sink: MemorySink) -> None:
+        first = pipeline.submit([record(0, 0)])  # delivered in 20 ms
+        await asyncio.sleep(0.005)
+        second = pipeline.submit([record(1, 1)])  # lingers: the sink is busy and the batch timeout is an hour
+        # the first delivery frees its slot: the second leaves once the group-commit interval has passed
+        assert await asyncio.wait_for(second, 5) is Outcome.DELIVERED  # type: ignore[arg-type]
+        await first  # type: ignore[misc]
+
+    sink = slow_first(sink_class(max_in_flight=2), 0.02)
+    run(scenario, sink, batch_size=100, batch_timeout_s=3600.0, commit_interval_s=0.05)
+
+
+@each_sink_kind
+def test_full_queue_refuses_whole_messages_at_once(sink_class: type[MemorySink]) -> None:
     async def scenario(pipeline: Pipeline, sink: MemorySink) -> None:
         sink.gate.clear()
         first = pipeline.submit([record(0, 0)])
@@ -191,10 +234,11 @@ def test_full_queue_refuses_whole_messages_at_once() -> None:
         await asyncio.gather(first, ok)  # type: ignore[arg-type]
         assert 10 not in [r.ts for r in sink.records]
 
-    run(scenario, max_queue=4)
+    run(scenario, sink_class(), max_queue=4)
 
 
-def test_wait_for_room_returns_once_the_queue_drains() -> None:
+@each_sink_kind
+def test_wait_for_room_returns_once_the_queue_drains(sink_class: type[MemorySink]) -> None:
     async def scenario(pipeline: Pipeline, sink: MemorySink) -> None:
         sink.gate.clear()
         pipeline.submit([record(0, 0)])
@@ -206,7 +250,7 @@ def test_wait_for_room_returns_once_the_queue_drains() -> None:
         sink.gate.set()
         await asyncio.wait_for(waiter, 5)
 
-    run(scenario, max_queue=2)
+    run(scenario, sink_class(), max_queue=2)
 
 
 @each_sink_kind
@@ -217,7 +261,7 @@ def test_sink_failure_answers_the_batch_and_the_pipeline_goes_on(sink_class: typ
         sink.fail_with = None
         assert await pipeline.submit([record(0, 1)]) is Outcome.DELIVERED  # type: ignore[misc]
 
-    run(scenario)
+    run(scenario, sink_class())
 
 
 @each_sink_kind
@@ -230,12 +274,13 @@ def test_a_message_gets_the_worst_outcome_of_its_records(sink_class: type[Memory
     run(scenario, sink_class())
 
 
-def test_empty_message_is_answered_at_once() -> None:
+@each_sink_kind
+def test_empty_message_is_answered_at_once(sink_class: type[MemorySink]) -> None:
     async def scenario(pipeline: Pipeline, sink: MemorySink) -> None:
         assert pipeline.submit([]) is Outcome.DELIVERED
         assert sink.batches == []
 
-    run(scenario)
+    run(scenario, sink_class())
 
 
 @each_sink_kind

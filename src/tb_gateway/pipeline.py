@@ -95,7 +95,12 @@ class Pipeline:
         self._closing = False
         self._commit_interval_s = commit_interval_s
         self._last_left = float("-inf")  # loop time the last batch left
-        self._callbacks_in_flight = 0  # batches handed to a CallbackSink and not yet answered
+        # a CallbackSink is fed by callbacks, not by the batching task (see _kick)
+        self._deliver_then = sink.deliver_then if isinstance(sink, CallbackSink) else None
+        self._running = False
+        self._kick_due = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._linger_until: float | None = None
         self._idle = asyncio.Event()
         self._event_loop: asyncio.AbstractEventLoop | None = None
         metrics.queue_depth.set_function(lambda: len(self._queue))
@@ -139,7 +144,11 @@ class Pipeline:
         else:
             self._queue.extend(records)
             self._tickets.extend([ticket] * count)
-        self._wakeup.set()
+        if self._deliver_then is None:
+            self._wakeup.set()
+        elif not self._kick_due:  # once per loop pass: the batch takes in everything this pass admits
+            self._kick_due = True
+            loop.call_soon(self._kick_soon)
         return ticket
 
     def close(self) -> None:
@@ -147,9 +156,13 @@ class Pipeline:
         self._closing = True
         self._wakeup.set()
         self._room.set()
+        if self._deliver_then is not None:
+            self._kick()
 
     async def run(self) -> None:
-        deliver_then = self.sink.deliver_then if isinstance(self.sink, CallbackSink) else None
+        if self._deliver_then is not None:
+            await self._run_callbacks()
+            return
         async with asyncio.TaskGroup() as deliveries:
             while True:
                 if not self._queue:
@@ -161,30 +174,97 @@ class Pipeline:
                 await self._slots.acquire()
                 await self._linger()
                 await self._group_commit()
-                records, tickets = self._queue, self._tickets
-                if len(records) <= self._batch_size:  # everything queued: copied in C, not popped one by one
-                    batch, owners = list(records), list(tickets)
-                    records.clear()
-                    tickets.clear()
-                else:
-                    batch = [records.popleft() for _ in range(self._batch_size)]
-                    owners = [tickets.popleft() for _ in range(self._batch_size)]
-                self._room.set()
-                self._in_flight += 1
+                batch, owners = self._take()
                 self._last_left = asyncio.get_running_loop().time()
-                if deliver_then is None:
-                    deliveries.create_task(self._deliver(batch, owners))
-                    continue
-                # started now and finished by a plain callback: no task to schedule on the way in, no task
-                # to wake on the way out (each would wait a pass of the loop over the sockets)
-                self._callbacks_in_flight += 1
-                try:
-                    deliver_then(batch, partial(self._delivered, batch, owners))
-                except Exception as exc:
-                    self._delivered(batch, owners, exc)
-            while self._callbacks_in_flight:
+                deliveries.create_task(self._deliver(batch, owners))
+
+    def _take(self) -> tuple[list[Record], list[_Ticket]]:
+        """The next batch and its tickets, off the queue."""
+        records, tickets = self._queue, self._tickets
+        if len(records) <= self._batch_size:  # everything queued: copied in C, not popped one by one
+            batch, owners = list(records), list(tickets)
+            records.clear()
+            tickets.clear()
+        else:
+            batch = [records.popleft() for _ in range(self._batch_size)]
+            owners = [tickets.popleft() for _ in range(self._batch_size)]
+        self._room.set()
+        self._in_flight += 1
+        return batch, owners
+
+    # --- a CallbackSink: the same batching rules, driven by callbacks -----------------------------------
+    # The batching task above waits on events, and every wake-up of a task is a scheduling hop: the next
+    # batch would leave one loop pass (about 1 ms under load) after the previous one was answered, with the
+    # writer idle meanwhile. Here the answer of one batch hands the sink the next at once.
+
+    async def _run_callbacks(self) -> None:
+        self._event_loop = asyncio.get_running_loop()
+        self._running = True
+        try:
+            self._kick()
+            while not (self._closing and not self._queue and not self._in_flight):
                 self._idle.clear()
                 await self._idle.wait()
+        finally:
+            self._running = False
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
+    def _kick_soon(self) -> None:
+        self._kick_due = False
+        self._kick()
+
+    def _kick(self) -> None:
+        """Hand the sink every batch that may leave now (the rules of _linger and _group_commit), or arm the
+        timer for when the next one may."""
+        deliver_then, loop = self._deliver_then, self._event_loop
+        if not self._running or deliver_then is None or loop is None:
+            return
+        queue = self._queue
+        while queue and self._in_flight < self._max_in_flight:
+            now = loop.time()
+            if not self._closing and len(queue) < self._batch_size:
+                leave_at = None
+                if self._sink_busy():  # linger: fill up until the size, the timeout or a free slot
+                    if self._linger_until is None:
+                        self._linger_until = now + self._batch_timeout_s
+                    leave_at = self._linger_until
+                if len(queue) < min(self._batch_size, GROUP_COMMIT_ENOUGH):  # group commit
+                    commit_at = self._last_left + self._commit_interval_s
+                    leave_at = commit_at if leave_at is None else max(leave_at, commit_at)
+                if leave_at is not None and leave_at > now:
+                    self._wake_at(leave_at)
+                    return
+            self._linger_until = None
+            batch, owners = self._take()
+            self._last_left = now
+            try:
+                deliver_then(batch, partial(self._delivered, batch, owners))
+            except Exception as exc:
+                self._settle_batch(batch, owners, exc)
+        if self._closing and not queue and not self._in_flight:
+            self._idle.set()
+
+    def _wake_at(self, when: float) -> None:
+        timer = self._timer
+        if timer is not None:
+            if timer.when() <= when:
+                return  # an earlier kick re-checks and re-arms
+            timer.cancel()
+        assert self._event_loop is not None
+        self._timer = self._event_loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._kick()
+
+    def _delivered(self, records: list[Record], tickets: list[_Ticket], outcomes: Any) -> None:
+        """A CallbackSink's answer (the outcomes, or the exception its delivery raised); then the next batch."""
+        try:
+            self._settle_batch(records, tickets, outcomes)
+        finally:
+            self._kick()
 
     def _sink_busy(self) -> bool:
         """Busy = every other delivery slot is taken: the batch about to leave would be the last in flight.
@@ -230,15 +310,6 @@ class Pipeline:
             outcomes = exc
         self._settle_batch(records, tickets, outcomes)
 
-    def _delivered(self, records: list[Record], tickets: list[_Ticket], outcomes: Any) -> None:
-        """A callback sink's answer: the outcomes, or the exception its delivery raised."""
-        self._callbacks_in_flight -= 1
-        try:
-            self._settle_batch(records, tickets, outcomes)
-        finally:
-            if not self._callbacks_in_flight:
-                self._idle.set()
-
     def _settle_batch(
         self, records: list[Record], tickets: list[_Ticket], outcomes: Sequence[Outcome] | BaseException
     ) -> None:
@@ -259,8 +330,9 @@ class Pipeline:
                 outcomes = [Outcome.SINK_FAILED] * len(records)
         finally:
             self._in_flight -= 1
-            self._slots.release()
-            self._wakeup.set()
+            if self._deliver_then is None:
+                self._slots.release()
+                self._wakeup.set()
         self._metrics.count_sent(records, outcomes)
         delivered = Outcome.DELIVERED
         for ticket, outcome in zip(tickets, outcomes, strict=True):
