@@ -85,6 +85,27 @@ class CallbackMemorySink(MemorySink):
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
+    def poll(self) -> None:
+        """Nothing to hurry: each answer comes from its own task."""
+
+
+class PollOnlySink(CallbackMemorySink):
+    """Answers only when polled: shows that a transport settles finished deliveries at its reads (the real
+    store also schedules the answer itself, which is what would hide a transport that forgot to poll)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.finished: list[tuple[Callable[[Any], None], list[Outcome]]] = []
+
+    def deliver_then(self, batch: Sequence[Record], done: Callable[[Any], None]) -> None:
+        self.batches.append(list(batch))
+        self.finished.append((done, [Outcome.DELIVERED] * len(batch)))
+
+    def poll(self) -> None:
+        while self.finished:
+            done, outcomes = self.finished.pop(0)
+            done(outcomes)
+
 
 class TokenSource:
     """A credential source from a dict of token -> device name."""

@@ -37,7 +37,7 @@ from tb_gateway.coap.server import CoapServer
 from tb_gateway.errors import CredentialsUnavailable
 from tb_gateway.records import RecordKind
 from tb_gateway.sinks.base import Outcome
-from tests.support import MemorySink, make_api
+from tests.support import MemorySink, PollOnlySink, make_api
 
 TOKEN = "A1_TEST_TOKEN"
 
@@ -155,6 +155,27 @@ def test_con_post_telemetry_gets_piggybacked_2_01_only_after_the_sink_confirmed(
             )
             assert record.transport.value == "coap"
             assert api.metrics.ack_latency.labels(transport="coap").sum > 0
+
+    run(main())
+
+
+@pytest.mark.usefixtures("each_socket_kind")
+def test_a_durable_batch_is_answered_at_the_next_datagrams_read(tmp_path: Path) -> None:
+    """Each read polls the pipeline: a 2.01 does not wait for the loop's pass over the sockets to end."""
+
+    async def main() -> None:
+        async with serving(tmp_path, PollOnlySink()) as (_, server, client, sink):
+            sent = client.request()
+            await client.silent(0.2)  # durable (per this sink) but nobody polled yet
+            assert len(sink.batches) == 1
+            other = await Client.open(server.port)
+            try:
+                other.send(Message(CON, Code.EMPTY, 7, b"", (), b""))  # a ping: answered with a RST
+                assert (await other.recv()).type == RST
+                reply = await client.recv()
+                assert (reply.type, reply.code, reply.mid) == (ACK, Code.CREATED, sent.mid)
+            finally:
+                other.close()
 
     run(main())
 

@@ -11,7 +11,7 @@ import pytest
 
 from tb_gateway.http.connection import MAX_QUEUED
 from tests.http_support import Raw, request, run, serving, statuses
-from tests.support import MemorySink
+from tests.support import MemorySink, PollOnlySink
 
 pytestmark = pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 
@@ -25,6 +25,26 @@ def test_keep_alive_reuses_one_connection(loop: str, tmp_path: Path) -> None:
                 assert (await client.post(TELEMETRY, json={"n": n})).status_code == 200
             assert gw.metric("tb_gateway_connections_total", transport="http") == 1
             assert [r.values["n"] for r in gw.sink.records] == list(range(20))
+
+    run(loop, main())
+
+
+def test_a_durable_batch_is_answered_at_the_next_read_of_any_connection(loop: str, tmp_path: Path) -> None:
+    """Each read polls the pipeline: a 200 does not wait for the loop's pass over the sockets to end."""
+
+    async def main() -> None:
+        sink = PollOnlySink()
+        async with serving(tmp_path, sink=sink) as gw:
+            first, second = await Raw.connect(gw.port), await Raw.connect(gw.port)
+            await first.send(request("POST", TELEMETRY, b'{"n": 1}'))
+            with pytest.raises(TimeoutError):  # durable (per this sink) but nobody polled yet
+                await first.response(within_s=0.2)
+            assert len(sink.batches) == 1
+            await second.send(request("GET", "/health"))
+            assert (await second.response())[0] == 200
+            assert (await first.response())[0] == 200
+            await first.close()
+            await second.close()
 
     run(loop, main())
 

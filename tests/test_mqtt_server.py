@@ -32,7 +32,7 @@ from tb_gateway.mqtt.server import MqttConnection
 from tb_gateway.records import RecordKind
 from tb_gateway.sinks.base import Outcome
 from tests.mqtt_support import Client, Env, mqtt_gateway
-from tests.support import MemorySink
+from tests.support import MemorySink, PollOnlySink
 
 TELEMETRY = "v1/devices/me/telemetry"
 
@@ -100,6 +100,25 @@ def test_one_settle_callback_per_watched_ack_under_a_steady_stream(
     assert len(sink.records) == count * devices
     # per connection, each watched head belongs to a later batch than the last: one callback per batch at most
     assert calls <= devices * len(sink.batches), (calls, len(sink.batches))
+
+
+def test_a_durable_batch_is_acknowledged_at_the_next_read_of_any_connection(tmp_path: Path) -> None:
+    """Each read polls the pipeline: a PUBACK does not wait for the loop's pass over the sockets to end."""
+    sink = PollOnlySink()
+
+    async def scenario(env: Env) -> None:
+        first = await Client.connected(env.port, 5, username="T1")
+        second = await Client.connected(env.port, 5, username="T2")
+        await first.send(Publish(TELEMETRY, b'{"n":1}', 1, 1))
+        assert await first.silent(0.2)  # durable (per this sink) but nobody polled yet
+        assert len(sink.batches) == 1
+        await second.send(PingReq())
+        assert await second.recv() == PingResp()
+        assert await first.recv() == PubAck(1)
+        await first.close()
+        await second.close()
+
+    run(tmp_path, scenario, sink)
 
 
 def test_pubacks_keep_arrival_order_across_batches(tmp_path: Path) -> None:

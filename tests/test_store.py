@@ -6,6 +6,7 @@ import asyncio
 import errno
 import os
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -219,3 +220,35 @@ def test_an_odd_timestamp_type_is_encoded_faithfully_not_truncated() -> None:
     sink = StoreSink(Path("unused"))
     odd = Record(DEV, RecordKind.TELEMETRY, 1.5, {}, Transport.HTTP, 2)  # type: ignore[arg-type]
     assert orjson.loads(sink._encode(odd))["ts"] == 1.5
+
+
+def test_poll_answers_finished_writes_in_order_without_waiting_for_the_loop(tmp_path: Path) -> None:
+    """A transport's read may settle what the writer finished; the loop's own scheduled call is then a no-op."""
+
+    async def main() -> None:
+        sink = StoreSink(tmp_path / "messages")
+        await sink.start()
+        answers: list[Any] = []
+
+        def first(outcomes: Any) -> None:
+            answers.append(("first", outcomes))
+            sink.poll()  # re-entered from a callback (a transport reading): must not run "second" inside "first"
+            answers.append("first returned")
+
+        sink.deliver_then([rec(1, n=1)], first)
+        sink.deliver_then([rec(2, n=2), rec(3, n=3)], lambda outcomes: answers.append(("second", outcomes)))
+        deadline = time.monotonic() + 5
+        while len(sink._finished) < 2 and time.monotonic() < deadline:
+            time.sleep(0.001)  # noqa: ASYNC251 -- blocks the loop on purpose: only poll can answer
+        sink.poll()
+        assert answers == [
+            ("first", [Outcome.DELIVERED]),
+            "first returned",
+            ("second", [Outcome.DELIVERED] * 2),
+        ]
+        await asyncio.sleep(0.01)  # the writer's own scheduled polls find nothing left
+        assert len(answers) == 3
+        await sink.close()
+
+    asyncio.run(main())
+    assert [r["values"]["n"] for r in read_messages(tmp_path / "messages")] == [1, 2, 3]

@@ -153,6 +153,7 @@ class CoapServer:
 
     def datagrams_received(self, datagrams: Datagrams) -> None:
         assert self._loop is not None
+        self.api.pipeline.poll()  # answers whose batch is durable go out now, not at the end of this pass
         now = self._loop.time()
         receive, dispatch = self.endpoint.receive_datagram, self._dispatch
         for data, addr in datagrams:

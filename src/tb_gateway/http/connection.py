@@ -110,6 +110,7 @@ class HttpConnection(asyncio.Protocol):
         self.deadline = self.loop.time() + server.header_timeout
 
     def data_received(self, data: bytes) -> None:
+        self.api.pipeline.poll()  # answers whose batch is durable go out now, not at the end of this pass
         if self.stopped:
             return  # failing (lingering), draining or after EOF: discard
         self.fed_body = 0

@@ -243,6 +243,7 @@ class MqttConnection(asyncio.Protocol):
         self._arm_timer()
 
     def data_received(self, data: bytes) -> None:
+        self._api.pipeline.poll()  # answers whose batch is durable go out now, not at the end of this pass
         now = self._loop.time()
         events = self._session.receive_data(data, now)
         if self._downlink is not None:  # every read is activity, PINGREQ included (one call per read)

@@ -72,3 +72,7 @@ class CallbackSink(Sink, Protocol):
     """
 
     def deliver_then(self, batch: Sequence[Record], done: Callable[[Any], None]) -> None: ...
+
+    def poll(self) -> None:
+        """Call, now, the ``done`` of deliveries that have finished (a sink calls them later by itself)."""
+        ...

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Collection, Iterator, Sequence
 from functools import partial
 from pathlib import Path
@@ -45,6 +46,9 @@ class StoreSink:
         self._last_error: str | None = None
         self._templates: dict[tuple[int, RecordKind, Transport], tuple[DeviceIdentity, bytes, bytes]] = {}
         self.stored = 0
+        # (callback, result, exception) of writes the thread finished; deque appends and pops are atomic
+        self._finished: deque[tuple[Callable[[Any, BaseException | None], None], Any, BaseException | None]] = deque()
+        self._polling = False
 
     async def start(self) -> None:
         self._thread = threading.Thread(target=self._work, name="store-writer", daemon=True)
@@ -151,8 +155,27 @@ class StoreSink:
                 outcome: tuple[Any, BaseException | None] = (work(), None)
             except Exception as exc:  # handed to ``done``, which decides
                 outcome = (None, exc)
+            self._finished.append((done, *outcome))
             with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
-                loop.call_soon_threadsafe(done, *outcome)
+                loop.call_soon_threadsafe(self.poll)
+
+    def poll(self) -> None:
+        """Run the callbacks of finished writes, in order, on the loop's thread (CallbackSink.poll).
+
+        The writer thread schedules this itself, but a scheduled call waits for the end of the loop's pass
+        over its sockets (about 1 ms under load); transports call it at each read, so devices are answered
+        as soon as the loop next looks up from one socket.
+        """
+        if self._polling:  # a callback that reached a transport's read: the outer call goes on in order
+            return
+        self._polling = True
+        try:
+            finished = self._finished
+            while finished:
+                done, result, exc = finished.popleft()
+                done(result, exc)
+        finally:
+            self._polling = False
 
 
 def _answer(future: asyncio.Future[Any], answer: Any) -> None:
