@@ -198,9 +198,10 @@ class Pipeline:
         return batch, owners
 
     # --- a CallbackSink: the same batching rules, driven by callbacks -----------------------------------
-    # The batching task above waits on events, and every wake-up of a task is a scheduling hop: the next
-    # batch would leave one loop pass (about 1 ms under load) after the previous one was answered, with the
-    # writer idle meanwhile. Here the answer of one batch hands the sink the next at once.
+    # The batching task above waits on events, and every wake-up of a task, like the task created per
+    # delivery, is a scheduling hop that waits for the loop's pass over its sockets (1 ms and more under
+    # load). Here nothing waits on a task: the sink's answer settles the batch itself (see _delivered for
+    # when the next batch leaves).
 
     async def _run_callbacks(self) -> None:
         self._event_loop = asyncio.get_running_loop()
