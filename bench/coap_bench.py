@@ -9,7 +9,6 @@ from typing import Any
 from bench.common import (
     SERVER_CORE,
     alternate,
-    free_port,
     pinned,
     process,
     register_devices,
@@ -18,6 +17,7 @@ from bench.common import (
     tempdir,
 )
 from tests.gateway_process import GatewayProcess
+from tests.harness.ports import free_port
 
 TOKEN = "BENCH_TOKEN"
 SOCKETS, INFLIGHT = 50, 20

@@ -21,8 +21,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench.common import LOAD_CORE, SERVER_CORE, free_port, pinned, process, result_row, tempdir, wait_port
+from bench.common import LOAD_CORE, SERVER_CORE, pinned, process, result_row, tempdir, wait_port
 from tests.gateway_process import GatewayProcess
+from tests.harness.ports import free_port
 
 TOKEN = "BENCH_HTTP_TOKEN_0001"
 CONNECTIONS = 50

@@ -15,7 +15,6 @@ from bench.common import (
     LOAD_CORE,
     SERVER_CORE,
     alternate,
-    free_port,
     loadgen,
     median_latency,
     pinned,
@@ -28,6 +27,7 @@ from bench.common import (
     wait_port,
 )
 from tests.gateway_process import GatewayProcess
+from tests.harness.ports import free_port
 
 TOKEN = "BENCH_TOKEN"
 SHAPES = [(50, 100), (500, 1)]  # (connections, in flight per connection)

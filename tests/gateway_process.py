@@ -11,14 +11,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.harness.ports import free_port
+
 BIN = Path(sys.executable).parent
 READY_LINE = "gateway ready"
-
-
-def free_port(kind: socket.SocketKind = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

@@ -6,7 +6,6 @@ Kafka; and the start-up without a broker (logs once, spools), and the spool-full
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 import uuid
@@ -20,14 +19,13 @@ from tb_gateway.sinks import kafka_records
 from tests.conftest import GatewayFactory
 from tests.gateway_process import GatewayProcess
 from tests.harness.kafka import KafkaBroker, read_topic
+from tests.harness.ports import free_port
 
 pytestmark = pytest.mark.slow
 
 
 def dead_bootstrap() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{s.getsockname()[1]}"
+    return f"127.0.0.1:{free_port()}"
 
 
 def kafka_env(bootstrap: str, prefix: str, **extra: str) -> dict[str, str]:

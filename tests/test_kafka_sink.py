@@ -6,7 +6,6 @@ import asyncio
 import logging
 import os
 import re
-import socket
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +23,7 @@ from tb_gateway.sinks.kafka import KafkaSink
 from tb_gateway.sinks.reliable import SpoolingSink
 from tb_gateway.sinks.spool import Spool
 from tests.harness.kafka import KafkaBroker, read_topic
+from tests.harness.ports import free_port
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "kafka-records.md"
 
@@ -201,16 +201,10 @@ def test_a_record_the_broker_refuses_does_not_block_the_next_ones(kafka: KafkaBr
     assert len(read_topic(kafka.bootstrap, f"{prefix}.telemetry")) == 2
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_no_broker_at_start_up_logs_once_and_spools(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     metrics = Metrics()
     primary = KafkaSink(
-        bootstrap_servers=[f"127.0.0.1:{_closed_port()}"],
+        bootstrap_servers=[f"127.0.0.1:{free_port()}"],
         topics=topics("none"),
         metrics=metrics,
         delivery_timeout_ms=2000,

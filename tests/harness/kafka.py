@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,8 @@ import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from tests.harness.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 KAFKA_VERSION = os.environ.get("TB_KAFKA_VERSION", "4.1.1")
@@ -94,12 +95,6 @@ def fetch(version: str = KAFKA_VERSION) -> Path:
         raise RuntimeError(f"mvn ran but {libs} has no kafka_2.13-{version}.jar")
     done.write_text(version + "\n")
     return libs
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class KafkaBroker:

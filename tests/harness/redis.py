@@ -18,14 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.ports import free_port
+
 READY_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 10.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _binary() -> str:
@@ -38,7 +34,7 @@ def _binary() -> str:
 class RedisServer:
     def __init__(self, workdir: Path, port: int | None = None) -> None:
         self.workdir = workdir
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
