@@ -1,6 +1,6 @@
 """`make bench`: run the benchmarks, print a table of figures and ratios, save JSON under bench/results/.
 
-python -m bench [--only mqtt,coap,http,idle] [--seconds 10]
+python -m bench [--only mqtt,coap,http,idle,kafka,workers,floor] [--seconds 10]
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ SCENARIOS: dict[str, tuple[str, str]] = {
     "idle": ("bench.mqtt_bench", "idle_memory"),
     "kafka": ("bench.kafka_bench", "throughput"),
     "workers": ("bench.workers_bench", "throughput"),  # WORKERS=2 vs 1 (docs/scale-out.md)
+    "floor": ("bench.floor", "throughput"),  # Python + uvloop doing nothing else, against the references
 }
 
 
@@ -32,7 +33,9 @@ def main() -> None:
     parser.add_argument("--only", default=",".join(SCENARIOS), help="comma-separated: " + ", ".join(SCENARIOS))
     parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per run")
     args = parser.parse_args()
-    rows: list[tuple[str, ...]] = [("scenario", "gateway/s", "reference/s", "ratio", "p50 ms", "p99 ms", "gen CPU")]
+    rows: list[tuple[str, ...]] = [
+        ("scenario", "gateway/s", "reference/s", "ratio", "p50 ms", "p99 ms", "gen CPU", "server CPU")
+    ]
     results: dict[str, Any] = {}
     for name in args.only.split(","):
         run = _scenario(name)
@@ -49,6 +52,7 @@ def main() -> None:
                     f"{ours.get('p50_ms', 0):.2f}",
                     f"{ours.get('p99_ms', 0):.2f}",
                     f"{ours.get('generator_cpu_s', 0):.1f}s",
+                    f"{ours['server_cpu_share']:.0%}" if "server_cpu_share" in ours else "-",
                 )
             )
         if name == "idle":

@@ -23,14 +23,18 @@ TOKEN = "BENCH_TOKEN"
 SOCKETS, INFLIGHT = 50, 20
 
 
+def libcoap_command(port: int) -> list[str]:
+    """libcoap's server pinned to the server core; -d lets POSTs create resources, so it answers 2.01."""
+    return pinned(SERVER_CORE, "coap-server-notls", "-A", "127.0.0.1", "-p", str(port), "-d", "1000")
+
+
 def throughput(seconds: float) -> list[dict[str, Any]]:
     load = ["-mode", "coap", "-conns", str(SOCKETS), "-inflight", str(INFLIGHT), "-duration", f"{seconds}s"]
     port = free_port(socket.SOCK_DGRAM)
-    # -d: let POSTs create resources, so libcoap answers 2.01 like the gateway does
     env = {"HTTP_ENABLED": "false", "MQTT_ENABLED": "false", "BATCH_SIZE": "2000"}
     gw = GatewayProcess(tempdir(), env, prefix=pinned(SERVER_CORE))
     register_devices(gw.data_dir, TOKEN, SOCKETS)
-    with process(pinned(SERVER_CORE, "coap-server-notls", "-A", "127.0.0.1", "-p", str(port), "-d", "1000")):
+    with process(libcoap_command(port)):
         time.sleep(0.5)
         gw.start()
         try:

@@ -36,6 +36,29 @@ def pinned(core: str, *cmd: str) -> list[str]:
     )  # type: ignore[operator]
 
 
+def cpu_s(pid: int) -> float:
+    """utime + stime of a process and its children (nginx's worker), in seconds."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    pids = [pid]
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        pids += [int(c) for c in (task / "children").read_text().split()]
+    for p in pids:
+        fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def with_server_cpu(pid: int, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``run()``'s result and the server's CPU time over it (connection set-up included): as a share of one
+    core, and per acknowledged message. Shows how close to saturation a latency figure was taken."""
+    before, start = cpu_s(pid), time.monotonic()
+    result = run()
+    used, wall = cpu_s(pid) - before, time.monotonic() - start
+    acked = int(result.get("acked") or 0)
+    return {**result, "server_cpu_share": used / wall, "server_us_per_msg": used / acked * 1e6 if acked else 0.0}
+
+
 def wait_port(port: int, timeout_s: float = 15.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

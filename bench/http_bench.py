@@ -12,7 +12,6 @@ The gateway's own ``messages_sent_total`` must cover every 2xx wrk counted (noth
 from __future__ import annotations
 
 import json
-import os
 import resource
 import shutil
 import subprocess
@@ -21,7 +20,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench.common import LOAD_CORE, SERVER_CORE, pinned, process, result_row, tempdir, wait_port
+from bench.common import LOAD_CORE, SERVER_CORE, cpu_s, pinned, process, result_row, tempdir, wait_port
 from tests.gateway_process import GatewayProcess
 from tests.harness.ports import free_port
 
@@ -67,22 +66,9 @@ end
 """.replace("BODY", BODY)
 
 
-def _cpu_s(pid: int) -> float:
-    """utime + stime of a process and its children (nginx's worker), in seconds."""
-    total = 0.0
-    tick = os.sysconf("SC_CLK_TCK")
-    pids = [pid]
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        pids += [int(c) for c in (task / "children").read_text().split()]
-    for p in pids:
-        fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        total += (int(fields[11]) + int(fields[12])) / tick
-    return total
-
-
 def wrk(url: str, script: Path, seconds: float, server_pid: int) -> dict[str, Any]:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    server_before = _cpu_s(server_pid)
+    server_before = cpu_s(server_pid)
     cmd = pinned(LOAD_CORE, "wrk", "-t1", f"-c{CONNECTIONS}", f"-d{seconds:g}s", "-s", str(script), url)
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, check=True)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -95,12 +81,12 @@ def wrk(url: str, script: Path, seconds: float, server_pid: int) -> dict[str, An
         "p99_ms": summary["p99_us"] / 1000,
         "generator_cpu_s": generator_cpu_s,
         "generator_cpu_share": generator_cpu_s / duration_s,
-        "server_cpu_share": (_cpu_s(server_pid) - server_before) / duration_s,
+        "server_cpu_share": (cpu_s(server_pid) - server_before) / duration_s,
         **summary,
     }
 
 
-def _nginx(workdir: Path, port: int) -> list[str]:
+def nginx_command(workdir: Path, port: int) -> list[str]:
     conf = workdir / "nginx.conf"
     conf.write_text(NGINX_CONF.format(dir=workdir, port=port))
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -127,7 +113,7 @@ def throughput(seconds: float = 10.0) -> list[dict[str, Any]]:
     gateway_url = f"{gw.base_url}/api/v1/{TOKEN}/telemetry"
     runs: dict[str, list[dict[str, Any]]] = {"nginx": [], "gateway": []}
     try:
-        with process(_nginx(workdir, nginx_port)) as nginx:
+        with process(nginx_command(workdir, nginx_port)) as nginx:
             wait_port(nginx_port)
             gw.start()
             assert gw.proc is not None

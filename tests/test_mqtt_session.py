@@ -329,9 +329,9 @@ class FakeFuture:
 def test_ack_queue_keeps_arrival_order() -> None:
     queue = AckQueue()
     first, third = FakeFuture(), FakeFuture()
-    queue.add(1, first, 0.1)
-    queue.add(2, 0x90, 0.2)
-    queue.add(3, third, 0.3)
+    queue.append((1, first, 0.1))
+    queue.append((2, 0x90, 0.2))
+    queue.append((3, third, 0.3))
     assert queue.ready() == []
     third.resolve("delivered")
     assert queue.ready() == []  # 3 is done but 1 is not

@@ -142,6 +142,29 @@ def test_healthy_primary_passes_through_and_spool_stays_empty(tmp_path: Path) ->
     assert primary.closed
 
 
+def test_a_batch_with_nothing_to_wait_for_settles_without_suspending(tmp_path: Path) -> None:
+    """Once the earlier batch has settled, the next must not wait on it: awaiting a done future still costs
+    two passes of the event loop, about 1 ms each under load, on every Kafka batch."""
+    primary = Primary()
+    sink = make(tmp_path, primary)
+
+    def settles_at_once(batch: list[Record]) -> Sequence[Outcome]:
+        coro = sink.deliver(batch)
+        try:
+            coro.send(None)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+        coro.close()
+        raise AssertionError("deliver suspended")
+
+    async def body() -> None:
+        assert list(settles_at_once([rec("a", 1)])) == [Outcome.DELIVERED]
+        assert list(settles_at_once([rec("a", 2), rec("b", 1)])) == [Outcome.DELIVERED, Outcome.DELIVERED]
+
+    asyncio.run(with_replay(sink, body))
+    assert [r.values["seq"] for r in primary.taken] == [1, 2, 1]
+
+
 def test_backend_down_spools_acks_and_replays_in_order(tmp_path: Path) -> None:
     primary = Primary()
     sink = make(tmp_path, primary)

@@ -81,8 +81,8 @@ class MqttDownlink:
 
     # --- the connection's life ---
 
-    def activity(self) -> None:
-        self._hub.activity(self.device, Transport.MQTT)
+    def activity(self, now_ms: int) -> None:
+        self._hub.activity(self.device, Transport.MQTT, now_ms)
 
     def ended(self) -> None:
         """The connection is gone; what it was sent unacknowledged waits for the device's next session."""

@@ -247,7 +247,9 @@ class MqttConnection(asyncio.Protocol):
         now = self._loop.time()
         events = self._session.receive_data(data, now)
         if self._downlink is not None:  # every read is activity, PINGREQ included (one call per read)
-            self._downlink.activity()
+            self._read_at = now
+            self._read_ms = self._api.now_ms()  # _publish stamps this read's records with the same reading
+            self._downlink.activity(self._read_ms)
         if self._backlog is None and self._api.pipeline.has_room(len(events) + self._server.headroom):
             for event in events:  # the common case: room for everything this read brought
                 if type(event) is Publish:
@@ -449,9 +451,9 @@ class MqttConnection(asyncio.Protocol):
             if packet.qos:
                 if type(answer) is Outcome:
                     answer = self._codes[answer]  # refused at once: post counted it
-                self._acks.add(packet.packet_id, answer, now)
+                self._acks.append((packet.packet_id, answer, now))
             elif answer is Outcome.RATE_LIMITED:  # QoS 0 has no PUBACK to say it: v5 DISCONNECT 0x96, 3.x close
-                self._acks.add(0, -RATE_TOO_HIGH, now)
+                self._acks.append((0, -RATE_TOO_HIGH, now))
                 self._closing = True
                 self._pause(CLOSING)
             return
@@ -460,9 +462,9 @@ class MqttConnection(asyncio.Protocol):
     def _bad_payload(self, packet: Publish, now: float) -> None:
         """Spec §1.15: v5 PUBACK 0x99 (QoS 0: DISCONNECT 0x99); 3.x close, after the earlier PUBACKs."""
         if self._v5 and packet.qos:
-            self._acks.add(packet.packet_id, PAYLOAD_INVALID, now)
+            self._acks.append((packet.packet_id, PAYLOAD_INVALID, now))
         else:
-            self._acks.add(packet.packet_id, -PAYLOAD_INVALID, now)
+            self._acks.append((packet.packet_id, -PAYLOAD_INVALID, now))
             self._closing = True
             self._pause(CLOSING)
 
@@ -474,7 +476,7 @@ class MqttConnection(asyncio.Protocol):
         """Spec §1.15: v5 PUBACK 0x90; 3.x a plain PUBACK; the message is dropped (and counted)."""
         self._api.refused(self._device, MQTT, "unknown_topic", packet.topic[:128])
         if packet.qos:
-            self._acks.add(packet.packet_id, TOPIC_INVALID if self._v5 else OK, now)
+            self._acks.append((packet.packet_id, TOPIC_INVALID if self._v5 else OK, now))
 
     def _protobuf(self, packet: Publish, target: Target, now: float) -> None:
         self._refuse_payload(packet, now, f"{packet.topic[:128]}: protobuf payloads are not supported")
@@ -491,7 +493,7 @@ class MqttConnection(asyncio.Protocol):
         answer = self._api.attribute_request(self._device, client_keys, shared_keys)
         self._session.publish(f"{target.response_prefix}{target.request_id}", orjson.dumps(answer))
         if packet.qos:
-            self._acks.add(packet.packet_id, OK, now)
+            self._acks.append((packet.packet_id, OK, now))
 
     def _client_rpc(self, packet: Publish, target: Target, now: float) -> None:
         """``getSessionLimits`` is answered here (spec §1.9); other methods get an error until forwarding lands."""
@@ -512,7 +514,7 @@ class MqttConnection(asyncio.Protocol):
             reply = hub.client_rpc(self._device, MQTT, method, _params)
             reply.add_done_callback(lambda done: self.send_downlink(topic, orjson.dumps(done.result())))
         if packet.qos:
-            self._acks.add(packet.packet_id, OK, now)
+            self._acks.append((packet.packet_id, OK, now))
 
     def _rpc_response(self, packet: Publish, target: Target, now: float) -> None:
         """The device's reply to a server-side RPC (spec §1.8); acknowledged even when nothing waits for it."""
@@ -522,7 +524,7 @@ class MqttConnection(asyncio.Protocol):
         elif not hub.rpc_replied(self._device.id, target.request_id, packet.payload):
             log.debug("MQTT RPC response on %s matches no pending request", packet.topic[:128])
         if packet.qos:
-            self._acks.add(packet.packet_id, OK, now)
+            self._acks.append((packet.packet_id, OK, now))
 
     def send_downlink(self, topic: str, payload: bytes) -> int | None:
         """Write a downlink PUBLISH now; its packet id (0 for QoS 0), or None when it cannot be sent."""

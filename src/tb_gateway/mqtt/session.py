@@ -393,27 +393,19 @@ class Pending(Protocol):
     def result(self) -> Any: ...
 
 
-class AckQueue:
+class AckQueue(deque[tuple[int, Any, float]]):
     """PUBACKs leave in arrival order: an answer that is ready waits for every earlier one (DESIGN.md §4).
 
-    An entry is ``(packet_id, answer, received_at)``; ``answer`` is final (an ``int`` reason code) or
-    ``Pending`` until it is done, and ``ready`` hands out its result then.
+    An entry is ``(packet_id, answer, received_at)``, added with ``append``; ``answer`` is final (an ``int``
+    reason code) or ``Pending`` until it is done, and ``ready`` hands out its result then. A deque itself, so
+    adding, ``len`` and truth cost no Python call: the connection asks them several times per read.
     """
 
-    __slots__ = ("_entries",)
-
-    def __init__(self) -> None:
-        self._entries: deque[tuple[int, Any, float]] = deque()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def add(self, packet_id: int, answer: Any, received_at: float) -> None:
-        self._entries.append((packet_id, answer, received_at))
+    __slots__ = ()
 
     def ready(self) -> list[tuple[int, Any, float]]:
         """Pop the answers now due, in order."""
-        entries = self._entries
+        entries = self
         due = []
         while entries:
             entry = entries[0]
@@ -428,11 +420,8 @@ class AckQueue:
 
     def head(self) -> Any:
         """The first answer still pending (after ``ready``), or None."""
-        if self._entries:
-            answer = self._entries[0][1]
+        if self:
+            answer = self[0][1]
             if type(answer) is not int:
                 return answer
         return None
-
-    def clear(self) -> None:
-        self._entries.clear()
