@@ -48,7 +48,7 @@ class MqttFloor(asyncio.Protocol):
             if end > n:
                 break
             kind = buf[pos] >> 4
-            if kind == 3 and buf[pos] & 0x06:  # QoS 1: the packet id follows the topic
+            if kind == 3 and (buf[pos] >> 1) & 0x03 == 1:  # QoS 1: the packet id follows the topic
                 topic_end = i + 2 + ((buf[i] << 8) | buf[i + 1])
                 out.append(b"\x40\x02" + buf[topic_end : topic_end + 2])
             elif kind == 1:
