@@ -401,3 +401,101 @@ def test_the_c_framing_writes_what_frame_writes(
         i += 1
     got = segments._speedups.frame(payloads, index, offset, seq, crc, room)
     assert got == (b"".join(expected), i, cursor.offset, cursor.seq, cursor.crc)
+
+
+# --- retention -----------------------------------------------------------------------------------------
+
+
+def firsts(directory: Path) -> list[int]:
+    return [first for first, _ in segments.segments(directory)]
+
+
+def test_a_size_cap_removes_the_oldest_whole_segments_and_the_rest_reads_on(tmp_path: Path) -> None:
+    removed: list[str] = []
+    writer = SegmentWriter(tmp_path, 1024, max_bytes=4 * 1024, on_removed=removed.append)
+    writer.open()
+    batches = [payloads(b, [60, 70]) for b in range(60)]
+    for batch in batches:
+        writer.append(batch)
+    everything = [p for batch in batches for p in batch]
+    kept = firsts(tmp_path)
+    assert len(kept) == 4 and sum(p.stat().st_size for p in tmp_path.glob("*.log")) <= 4 * 1024
+    assert removed and set(removed) == {"size"}
+    assert len(removed) + len(kept) > 10  # it rolled over many times, and removed all but the newest four
+    got = list(read_log(tmp_path))
+    assert got[0][0] == kept[0]  # seqs start at the oldest segment left, then run on without gaps
+    assert [seq for seq, _ in got] == list(range(kept[0], len(everything) + 1))
+    assert [p for _, p in got] == everything[kept[0] - 1 :]
+    writer.close()
+
+
+def test_a_cap_below_one_segment_keeps_the_newest_where_appends_go(tmp_path: Path) -> None:
+    writer = SegmentWriter(tmp_path, 1024, max_bytes=1)
+    writer.open()
+    for b in range(30):
+        writer.append(payloads(b, [100, 100]))
+        assert len(firsts(tmp_path)) == 1
+    assert writer.append(payloads(99, [5])) == 61
+    writer.close()
+    assert [seq for seq, _ in read_log(tmp_path)][-1] == 61
+
+
+def test_the_age_limit_removes_sealed_segments_whose_last_write_is_older(tmp_path: Path) -> None:
+    now = [1_000_000.0]
+    removed: list[str] = []
+    writer = SegmentWriter(tmp_path, 1024, max_age_s=3600, on_removed=removed.append, clock=lambda: now[0])
+    writer.open()
+    for b in range(12):
+        writer.append(payloads(b, [100, 100]))
+    listed = segments.segments(tmp_path)
+    assert len(listed) >= 4 and not removed  # everything is fresh: the clock says their mtimes are in the past
+    for age_h, (_, path) in zip([5, 4, 2, 0.5], listed, strict=False):
+        os.utime(path, (now[0] - age_h * 3600, now[0] - age_h * 3600))
+    os.utime(listed[-1][1], (now[0] - 9 * 3600, now[0] - 9 * 3600))  # the newest: never removed, even old
+    assert writer.enforce_retention() == 3
+    assert removed == ["age"] * 3
+    assert firsts(tmp_path) == [first for first, _ in listed[3:]]
+    now[0] += 2 * 3600  # later on, the 0.5-hour one is 2.5 hours old: still kept; the rest were written now
+    assert writer.enforce_retention() == 0
+    writer.close()
+
+
+def test_a_follower_inside_a_removed_segment_goes_on_from_the_oldest_left(tmp_path: Path) -> None:
+    writer = SegmentWriter(tmp_path, 1024)
+    writer.open()
+    for b in range(20):
+        writer.append(payloads(b, [100, 100]))
+    listed = firsts(tmp_path)
+    follower = list(read_log(tmp_path, after_seq=listed[1] + 1))  # a reader positioned inside segment 2
+    assert follower[0][0] == listed[1] + 2
+    writer.max_bytes = 2 * 1024
+    assert writer.enforce_retention() == len(listed) - 2
+    left = firsts(tmp_path)
+    jumped = [seq for seq, _ in read_log(tmp_path, after_seq=listed[1] + 1)]
+    assert jumped[0] == left[0] and jumped == list(range(left[0], jumped[-1] + 1))  # the seqs jump, then run on
+    later = [seq for seq, _ in read_log(tmp_path, after_seq=left[0] + 3)]
+    assert later[0] == left[0] + 4
+    writer.close()
+
+
+def test_a_reader_at_a_seal_skips_next_segments_retention_removed(tmp_path: Path) -> None:
+    """The writer and reader meet a seal whose next segment is gone: both go on in the newest one."""
+    writer = SegmentWriter(tmp_path, 1024)
+    writer.open()
+    for b in range(20):
+        writer.append(payloads(b, [100, 100]))
+    listed = segments.segments(tmp_path)
+    stale = SegmentWriter(tmp_path, 1024)  # an idle worker whose cursor is still in the first segment
+    stale.open()
+    stale._forget_position()
+    stale._enter(listed[0][0], create=False)
+    for _, path in listed[1:-1]:
+        path.unlink()
+    seqs = [seq for seq, _ in read_log(tmp_path)]
+    assert seqs[: listed[1][0] - 1] == list(range(1, listed[1][0]))
+    assert seqs[listed[1][0] - 1] == listed[-1][0]  # from the first segment's seal straight to the newest
+    first_new = stale.append(payloads(99, [5]))
+    assert first_new == seqs[-1] + 1  # the stale writer found the true tail, not a re-created old segment
+    assert firsts(tmp_path) == [listed[0][0], listed[-1][0]]
+    writer.close()
+    stale.close()

@@ -252,3 +252,44 @@ def test_poll_answers_finished_writes_in_order_without_waiting_for_the_loop(tmp_
 
     asyncio.run(main())
     assert [r["values"]["n"] for r in read_messages(tmp_path / "messages")] == [1, 2, 3]
+
+
+def test_retention_is_checked_in_the_background_and_configured_from_settings(tmp_path: Path) -> None:
+    """A quiet log still ages out: ``run`` checks now and then, not only at roll-overs (docs/records.md)."""
+    from tb_gateway.app import build_sink
+    from tb_gateway.config import Settings
+    from tb_gateway.metrics import Metrics
+
+    metrics = Metrics()
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None, kafka_enabled=False, data_dir=tmp_path, store_max_bytes=5_000_000_000, store_retention_hours=0.5
+    )
+    configured = build_sink(settings, metrics)
+    assert isinstance(configured, StoreSink)
+    assert (configured._log.max_bytes, configured._log.max_age_s) == (5_000_000_000, 1800)
+    assert not StoreSink(tmp_path / "other")._log.max_age_s  # the class's own default: keep everything
+
+    path = tmp_path / "messages"
+    removals = metrics.store_segments_removed
+    sink = StoreSink(
+        path, 1024, max_age_s=1800, check_every_s=0.01, on_removed=lambda why: removals.labels(reason=why).inc()
+    )
+
+    async def main() -> None:
+        await sink.start()
+        for ts in range(30):
+            await sink.deliver([rec(ts, pad="x" * 100), rec(ts, pad="y" * 100)])
+        listed = segments.segments(path)
+        assert len(listed) > 3
+        for _, old in listed[:2]:
+            os.utime(old, (time.time() - 3600, time.time() - 3600))
+        runner = asyncio.create_task(sink.run())
+        async with asyncio.timeout(5):
+            while len(segments.segments(path)) > len(listed) - 2:  # noqa: ASYNC110 - nothing to wait on
+                await asyncio.sleep(0.01)
+        await sink.close()
+        await asyncio.wait_for(runner, 1)  # closed: the checks end by themselves
+        assert [first for first, _ in segments.segments(path)] == [first for first, _ in listed[2:]]
+
+    asyncio.run(main())
+    assert metrics.store_segments_removed.labels(reason="age")._value.get() == 2

@@ -52,7 +52,13 @@ def build_sink(settings: Settings, metrics: Metrics, on_token_rejected: Callable
         return _kafka_sink(settings, metrics)
     if settings.tb_http_enabled:
         return _thingsboard_sink(settings, metrics, on_token_rejected)
-    return StoreSink(settings.data_dir / "messages")
+    removed = metrics.store_segments_removed
+    return StoreSink(
+        settings.data_dir / "messages",
+        max_bytes=settings.store_max_bytes,
+        max_age_s=settings.store_retention_hours * 3600,
+        on_removed=lambda reason: removed.labels(reason=reason).inc(),
+    )
 
 
 def _kafka_sink(settings: Settings, metrics: Metrics) -> Sink:

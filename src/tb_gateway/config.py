@@ -131,6 +131,9 @@ class Settings(BaseSettings):
     batch_timeout: PositiveSeconds = 1.0
     # embedded store: batches start at most this often (group commit; one fdatasync costs ~45 µs of CPU)
     store_commit_interval: Annotated[float, Field(ge=0, le=1)] = 0.001
+    # embedded store retention: whole 64 MiB segments go, oldest first (docs/records.md); 0 = no limit
+    store_max_bytes: Annotated[int, Field(ge=0)] = 0
+    store_retention_hours: Annotated[float, Field(ge=0)] = 168.0  # Kafka's default retention: 7 days
     max_payload_size: Positive = 65536
     queue_max_records: Positive = 100_000  # pipeline bound: beyond it devices are refused (503 / 5.03 / 0x97)
     retry_after_seconds: Positive = 1  # Retry-After / Max-Age sent with an overload refusal

@@ -113,6 +113,12 @@ class Metrics:
             ["endpoint", "result"],
             registry=r,
         )
+        self.store_segments_removed = Counter(
+            "tb_gateway_store_segments_removed_total",
+            "Embedded store segments removed by retention, by the limit that removed them (size or age)",
+            ["reason"],
+            registry=r,
+        )
         # --- store and forward (sinks/reliable.py) and Kafka (sinks/kafka.py) ---
         self.spool_records = Gauge(
             "tb_gateway_spool_records", "Records waiting in the local spool, by sink", ["sink"], registry=r

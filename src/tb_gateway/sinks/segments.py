@@ -26,6 +26,11 @@ the seq chain; whatever follows is never read and is overwritten by the next app
 never acknowledged). An entry whose write failed may still survive complete: it was not acknowledged, so a
 device resends it (a duplicate, never a loss).
 
+Retention: whole sealed segments go, oldest first, while the log is above ``max_bytes`` or once their last
+write is older than ``max_age_s``; never the newest segment, where appends go. A writer checks after each
+roll-over and whenever ``enforce_retention`` is called, under the lock. A reader that was inside a removed
+segment goes on from the oldest one left: its seqs jump, nothing is read twice.
+
 Several writers (``WORKERS=N``) share the log: each append holds ``flock`` on ``lock`` and first moves its
 cursor over entries the others appended (one 16-byte ``pread`` when there are none). Readers take no lock:
 they read entries in order and stop cleanly at the tail, so they work beside running writers.
@@ -39,8 +44,9 @@ import fcntl
 import logging
 import os
 import struct
+import time
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,7 +162,7 @@ def read_log(directory: Path, after_seq: int = 0) -> Iterator[tuple[int, bytes]]
     Whole segments before ``after_seq`` are skipped by their names, and a reader that asks again for what
     follows (``messages --follow``) resumes where its last scan of that segment file ended: entries before
     the tail are never rewritten. A seal whose next segment is not listed yet (a writer is rolling over)
-    makes it look again once.
+    makes it look again once. Segments that retention removed are skipped: the seqs jump.
     """
     listed = segments(directory)
     start = max((i for i, (first, _) in enumerate(listed) if first <= after_seq + 1), default=0)
@@ -186,8 +192,9 @@ def read_log(directory: Path, after_seq: int = 0) -> Iterator[tuple[int, bytes]]
             return
         if not listed:
             listed = [s for s in segments(directory) if s[0] >= cursor.seq]
-        if not listed or listed[0][0] != cursor.seq:
+        if not listed:  # the next one is not created yet (a writer is rolling over): look again next time
             return
+        # listed[0] starts at cursor.seq, or later when retention removed the segments in between
 
 
 _resume: dict[Path, tuple[tuple[int, int] | None, Cursor]] = {}  # per log: the file and where its last scan ended
@@ -197,9 +204,22 @@ class SegmentWriter:
     """Appends batches of payloads durably; blocking I/O, meant for one thread of one process (others may
     append through their own writer: the lock orders them)."""
 
-    def __init__(self, directory: Path, segment_bytes: int = SEGMENT_BYTES) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        segment_bytes: int = SEGMENT_BYTES,
+        *,
+        max_bytes: int = 0,
+        max_age_s: float = 0.0,
+        on_removed: Callable[[str], object] = lambda reason: None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.directory = directory
         self.segment_bytes = segment_bytes
+        self.max_bytes = max_bytes  # 0: no size cap
+        self.max_age_s = max_age_s  # 0: no age limit
+        self._on_removed = on_removed  # called with the reason ("size" or "age") of each removal
+        self._clock = clock
         self._lock_fd: int | None = None
         self._fd: int | None = None  # the segment the cursor is in
         self._size = 0
@@ -214,6 +234,15 @@ class SegmentWriter:
         self._lock_fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         with self._locked():
             self._catch_up()
+            self._remove_old()
+
+    def enforce_retention(self) -> int:
+        """Remove the sealed segments the retention settings no longer keep; returns how many went."""
+        if not (self.max_bytes or self.max_age_s) or not self.is_open:
+            return 0
+        with self._locked():
+            self._catch_up()  # the newest segment must be known: it is never removed
+            return self._remove_old()
 
     def append(self, payloads: Sequence[bytes]) -> int:
         """Writes the entries and returns the first one's seq once they are durable. ``OSError``: not
@@ -288,6 +317,7 @@ class SegmentWriter:
             os.fdatasync(self._fd)
             if i < len(payloads):
                 self._enter(cursor.seq, create=True)
+                self._remove_old()
 
     def _catch_up(self) -> None:
         """Moves the cursor to the true tail: past what other writers appended, over what crashed ones tore."""
@@ -303,7 +333,10 @@ class SegmentWriter:
                 pass
             stop = self._cursor.stop
             if stop is Stop.SEALED:
-                self._enter(self._cursor.seq, create=True)
+                # Retention may have removed the next segments while this writer was idle: go on in the newest
+                # one (all before it are sealed); create the next only when none exists yet.
+                following = [first for first, _ in segments(self.directory) if first >= self._cursor.seq]
+                self._enter(following[-1] if following else self._cursor.seq, create=not following)
             elif stop is Stop.END:  # a truncated file: give it its room back
                 self._grow(max(self.segment_bytes, self._cursor.offset + 2 * HEADER.size))
             else:
@@ -326,6 +359,37 @@ class SegmentWriter:
             self._size = os.fstat(fd).st_size
         os.fsync(fd)
         _fsync_directory(self.directory)
+
+    def _remove_old(self) -> int:
+        """Under the lock: oldest first, every sealed segment beyond the size cap or past the age limit."""
+        if not (self.max_bytes or self.max_age_s):
+            return 0
+        sized = []
+        for first, path in segments(self.directory)[:-1]:  # the newest one is where appends go
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                continue
+            sized.append((first, path, stat.st_size, stat.st_mtime))
+        total = sum(size for _, _, size, _ in sized)
+        if self._fd is not None:
+            total += self._size
+        now, removed = self._clock(), 0
+        for first, path, size, written_at in sized:
+            if self.max_bytes and total > self.max_bytes:
+                reason = "size"
+            elif self.max_age_s and now - written_at > self.max_age_s:
+                reason = "age"
+            else:
+                break  # the rest are newer
+            path.unlink(missing_ok=True)  # another worker may have removed it first
+            total -= size
+            removed += 1
+            log.info("embedded store: removed segment %s (seq %d on) by its %s limit", path.name, first, reason)
+            self._on_removed(reason)
+        if removed:
+            _fsync_directory(self.directory)
+        return removed
 
     def _grow(self, size: int) -> None:
         assert self._fd is not None

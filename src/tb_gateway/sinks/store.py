@@ -6,6 +6,9 @@ power loss. One writer thread does the blocking work, fed through a queue and an
 queue up behind it, which is what makes them grow under load (the pipeline's natural batching), so one
 sync is paid per batch, not per record.
 
+Retention (``STORE_MAX_BYTES``, ``STORE_RETENTION_HOURS``): the writer removes the oldest whole segments
+after each roll-over, and ``run`` asks it again every ``RETENTION_CHECK_S`` so that age counts on a quiet log.
+
 ``read_messages`` is the reader side used by ``tb-gateway messages``; it takes no lock and stops at the
 current tail, so it runs beside the gateway (and beside several workers appending to the same log).
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import queue
 import threading
 from collections import deque
@@ -29,7 +33,10 @@ from tb_gateway.records import DeviceIdentity, Record, RecordKind, Transport
 from tb_gateway.sinks.base import Outcome
 from tb_gateway.sinks.segments import MAX_PAYLOAD, SEGMENT_BYTES, SegmentWriter, read_log
 
+log = logging.getLogger(__name__)
+
 T = TypeVar("T")
+RETENTION_CHECK_S = 60.0  # how often the age limit is checked besides roll-overs
 TEMPLATES_MAX = 10_000  # encoded record prefixes kept (device x kind x transport); cleared when full
 _Job = tuple[Callable[[], Any], asyncio.AbstractEventLoop, Callable[[Any, "BaseException | None"], None]]
 
@@ -38,9 +45,19 @@ class StoreSink:
     name = "embedded"
     max_in_flight = 1
 
-    def __init__(self, path: Path, segment_bytes: int = SEGMENT_BYTES) -> None:
+    def __init__(
+        self,
+        path: Path,
+        segment_bytes: int = SEGMENT_BYTES,
+        *,
+        max_bytes: int = 0,
+        max_age_s: float = 0.0,
+        on_removed: Callable[[str], object] = lambda reason: None,
+        check_every_s: float = RETENTION_CHECK_S,
+    ) -> None:
         self._path = path
-        self._log = SegmentWriter(path, segment_bytes)
+        self._log = SegmentWriter(path, segment_bytes, max_bytes=max_bytes, max_age_s=max_age_s, on_removed=on_removed)
+        self._check_every_s = check_every_s
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._last_error: str | None = None
@@ -56,7 +73,17 @@ class StoreSink:
         await self._call(self._log.open)
 
     async def run(self) -> None:
-        """No background work: every batch is written by ``deliver``."""
+        """Every batch is written by ``deliver``; this only checks retention now and then (off the loop)."""
+        if not (self._log.max_bytes or self._log.max_age_s):
+            return
+        while True:
+            await asyncio.sleep(self._check_every_s)
+            if self._thread is None:  # closed
+                return
+            try:
+                await self._call(self._log.enforce_retention)
+            except OSError as exc:  # the next check tries again; appends report their own errors
+                log.warning("embedded store: retention check failed: %s", exc)
 
     async def deliver(self, batch: Sequence[Record]) -> Sequence[Outcome]:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
