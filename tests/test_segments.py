@@ -499,3 +499,26 @@ def test_a_reader_at_a_seal_skips_next_segments_retention_removed(tmp_path: Path
     assert firsts(tmp_path) == [listed[0][0], listed[-1][0]]
     writer.close()
     stale.close()
+
+
+def test_a_follower_is_not_misled_by_a_removed_segments_inode_given_to_a_newer_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ext4 hands a freed inode number to the next new file: a resume point must name its segment too."""
+    writer = SegmentWriter(tmp_path, 1024)
+    writer.open()
+    for b in range(6):
+        writer.append(payloads(b, [100, 100]))
+    [(_, first_path), *_] = segments.segments(tmp_path)
+    stat = os.fstat  # (st_mode, st_ino, st_dev, ...): every segment file now looks like inode 4242
+    monkeypatch.setattr(segments.os, "fstat", lambda fd: os.stat_result((stat(fd)[0], 4242, *stat(fd)[2:])))
+    seen = [seq for seq, _ in read_log(tmp_path)]
+    writer.max_bytes = 1  # keep only the newest: the follower's next read starts there, on "the same inode"
+    writer.enforce_retention()
+    for b in range(6, 12):
+        writer.append(payloads(b, [100, 100]))
+    left = segments.segments(tmp_path)
+    assert first_path not in [path for _, path in left]
+    after = [seq for seq, _ in read_log(tmp_path, after_seq=seen[-1])]
+    assert after == list(range(left[0][0], 24 + 1))
+    writer.close()

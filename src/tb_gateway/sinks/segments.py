@@ -174,7 +174,8 @@ def read_log(directory: Path, after_seq: int = 0) -> Iterator[tuple[int, bytes]]
         except FileNotFoundError:
             return
         stat = os.fstat(fd)
-        file = (stat.st_dev, stat.st_ino)
+        # the first seq too: a segment that retention removed frees its inode for a newer segment
+        file = (stat.st_dev, stat.st_ino, first)
         known, cursor = _resume.get(directory, (None, Cursor(0, first)))
         if known != file or cursor.seq - 1 > after_seq:
             cursor = Cursor(0, first)
@@ -197,7 +198,7 @@ def read_log(directory: Path, after_seq: int = 0) -> Iterator[tuple[int, bytes]]
         # listed[0] starts at cursor.seq, or later when retention removed the segments in between
 
 
-_resume: dict[Path, tuple[tuple[int, int] | None, Cursor]] = {}  # per log: the file and where its last scan ended
+_resume: dict[Path, tuple[tuple[int, int, int] | None, Cursor]] = {}  # per log: the file and where its last scan ended
 
 
 class SegmentWriter:
