@@ -213,3 +213,35 @@ def test_two_gateways_do_not_share_anything(gateway_factory: GatewayFactory) -> 
     a.add_device("only-on-a", "TOKEN_A")
     assert httpx.post(f"{a.base_url}/api/v1/TOKEN_A/telemetry", json={"x": 1}).status_code == 200
     assert httpx.post(f"{b.base_url}/api/v1/TOKEN_A/telemetry", json={"x": 1}).status_code == 401
+
+
+def test_the_running_gateway_applies_store_retention_from_its_settings(gateway_factory: GatewayFactory) -> None:
+    """STORE_RETENTION_HOURS reaches the process: an old sealed segment goes at start-up, is counted, and
+    `messages` lists what is left (docs/records.md)."""
+    import os
+
+    from tb_gateway.sinks.segments import SegmentWriter, segments
+
+    gateway = gateway_factory("gw", store_retention_hours="1")
+    log_dir = gateway.data_dir / "messages"
+    old = SegmentWriter(log_dir, 1024)  # small segments, written before the gateway starts
+    old.open()
+    for n in range(30):
+        record = {"device": "old", "device_id": "id-old", "device_type": "default", "kind": "telemetry", "ts": n}
+        old.append(
+            [orjson.dumps({**record, "values": {"n": n, "pad": "x" * 100}, "transport": "http", "received_at": n})]
+        )
+    old.close()
+    listed = segments(log_dir)
+    assert len(listed) >= 3
+    for _, path in listed[:-1]:
+        os.utime(path, (time.time() - 7200, time.time() - 7200))  # two hours old: past the limit
+    gateway.start()
+    gateway.add_device("thermostat-1", TOKEN)
+    assert curl("-X", "POST", "-d", '{"n":99}', f"{gateway.base_url}/api/v1/{TOKEN}/telemetry")[0] == 200
+    assert [first for first, _ in segments(log_dir)] == [listed[-1][0]]
+    values = [r["values"]["n"] for r in stored(gateway)]
+    assert values[-1] == 99 and values[0] > 0  # what the old segments held is gone, the newest is kept
+    text = httpx.get(f"http://127.0.0.1:{gateway.metrics_port}/metrics").text
+    assert f'tb_gateway_store_segments_removed_total{{reason="age"}} {len(listed) - 1}.0' in text
+    assert "removed segment" in gateway.log()
