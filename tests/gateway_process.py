@@ -45,7 +45,7 @@ class GatewayProcess:
             METRICS_PORT=str(self.metrics_port),
             KAFKA_ENABLED="false",
             LOG_FORMAT="json",
-            LOG_LEVEL="INFO",
+            LOG_LEVEL=os.environ.get("TB_TEST_LOG_LEVEL", "INFO"),  # DEBUG to chase a flaky end-to-end test
             BATCH_TIMEOUT="0.05",
         )
         env.update(self.overrides)

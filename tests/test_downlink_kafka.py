@@ -178,7 +178,7 @@ def read_until(bootstrap: str, topic: str, count: int, timeout_s: float = 30.0) 
     deadline = time.monotonic() + timeout_s
     found: list[dict[str, Any]] = []
     while len(found) < count:
-        assert time.monotonic() < deadline, found
+        assert time.monotonic() < deadline, [(r["kind"], r["device"], r["values"]) for r in found]
         with contextlib.suppress(RuntimeError, KafkaException):  # not created yet, or its leader not elected yet
             found = [kafka_records.check(m["key"], m["value"], m["headers"]) for m in read_topic(bootstrap, topic, 5)]
         time.sleep(0.2)
