@@ -1,6 +1,7 @@
 /* Optional C fast paths for the per-record hot spots: normalize.py (typing a payload's values),
  * sinks/segments.py (framing store entries and writing them durably, with the GIL released once a batch),
- * coap/codec.py (parsing a datagram) and coap/server.py (a batch of datagrams per system call).
+ * coap/codec.py (parsing a datagram), coap/server.py (a batch of datagrams per system call) and
+ * http/connection.py (reading one whole simple POST without httptools' callbacks).
  *
  * The Python code stays the reference. The normalization functions handle only what is unambiguous and
  * answer None for anything else, so the Python rules run and produce every error message; framing is
@@ -729,6 +730,135 @@ speedups_send_datagrams(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     return PyLong_FromSsize_t(index);
 }
 
+/* http_post(data, max_head) -> (target, body) | None: the HTTP fast lane of http/connection.py.
+ *
+ * A result only when ``data`` is exactly one complete request of a strict subset of HTTP/1.1 that
+ * httptools (llhttp) reads the same way: "POST <origin-form target of RFC 3986 characters> HTTP/1.1", header
+ * lines of token names and visible-ASCII values, one Content-Length of digits that the body fills exactly,
+ * none of Transfer-Encoding, Connection, Proxy-Connection, Expect or Upgrade, the head within max_head
+ * bytes. Everything else (and any doubt) is None: the connection feeds httptools as before.
+ * tests/test_http_fast.py checks every answer against httptools on generated requests. */
+static unsigned char target_chars[256], token_chars[256];
+
+static void
+http_tables_init(void)
+{
+    const char *target = "-._~!$&'()*+,;=:@/?%";
+    const char *token = "!#$%&'*+-.^_`|~";
+    for (int c = 0; c < 256; c++) {
+        int alnum = (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z');
+        target_chars[c] = alnum || (c && strchr(target, c) != NULL);
+        token_chars[c] = alnum || (c && strchr(token, c) != NULL);
+    }
+}
+
+/* header names the fast lane leaves to httptools; lower case */
+static const char *const slow_headers[] = {"transfer-encoding", "connection", "proxy-connection", "expect", "upgrade"};
+
+static int
+name_is(const char *name, Py_ssize_t length, const char *lower)
+{
+    if ((Py_ssize_t)strlen(lower) != length) {
+        return 0;
+    }
+    for (Py_ssize_t i = 0; i < length; i++) {
+        char c = name[i];
+        if (c >= 'A' && c <= 'Z') {
+            c = (char)(c - 'A' + 'a');
+        }
+        if (c != lower[i]) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+static PyObject *
+speedups_http_post(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyBytes_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "http_post(data: bytes, max_head: int)");
+        return NULL;
+    }
+    Py_ssize_t max_head = PyLong_AsSsize_t(args[1]);
+    if (max_head == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    const char *data = PyBytes_AS_STRING(args[0]);
+    Py_ssize_t size = PyBytes_GET_SIZE(args[0]);
+    Py_ssize_t end = size < max_head ? size : max_head; /* the head must end within this */
+    if (end < 6 || memcmp(data, "POST /", 6) != 0) {
+        Py_RETURN_NONE;
+    }
+    Py_ssize_t at = 5, target_start = 5;
+    while (at < end && target_chars[(unsigned char)data[at]]) {
+        at++;
+    }
+    Py_ssize_t target_end = at;
+    if (end - at < 11 || memcmp(data + at, " HTTP/1.1\r\n", 11) != 0) {
+        Py_RETURN_NONE;
+    }
+    at += 11;
+    long long length = -1;
+    for (;;) {
+        if (end - at < 2) {
+            Py_RETURN_NONE;
+        }
+        if (data[at] == '\r') {
+            if (data[at + 1] != '\n') {
+                Py_RETURN_NONE;
+            }
+            at += 2;
+            break; /* the empty line: end of the head */
+        }
+        Py_ssize_t name = at;
+        while (at < end && token_chars[(unsigned char)data[at]]) {
+            at++;
+        }
+        Py_ssize_t name_length = at - name;
+        if (name_length == 0 || at >= end || data[at] != ':') {
+            Py_RETURN_NONE; /* no name, a space before the colon, obs-fold, a bare LF, ... */
+        }
+        at++;
+        while (at < end && (data[at] == ' ' || data[at] == '\t')) {
+            at++;
+        }
+        Py_ssize_t value = at, value_end = at;
+        while (at < end && ((data[at] >= 0x21 && data[at] <= 0x7e) || data[at] == ' ' || data[at] == '\t')) {
+            if (data[at] != ' ' && data[at] != '\t') {
+                value_end = at + 1;
+            }
+            at++;
+        }
+        if (end - at < 2 || data[at] != '\r' || data[at + 1] != '\n') {
+            Py_RETURN_NONE; /* a control character or obs-text in the value, or the head is cut */
+        }
+        at += 2;
+        if (name_is(data + name, name_length, "content-length")) {
+            if (length >= 0 || value_end == value || value_end - value > 9) {
+                Py_RETURN_NONE; /* twice, empty, or longer than any payload limit */
+            }
+            length = 0;
+            for (Py_ssize_t i = value; i < value_end; i++) {
+                if (data[i] < '0' || data[i] > '9') {
+                    Py_RETURN_NONE;
+                }
+                length = length * 10 + (data[i] - '0');
+            }
+            continue;
+        }
+        for (size_t i = 0; i < sizeof slow_headers / sizeof *slow_headers; i++) {
+            if (name_is(data + name, name_length, slow_headers[i])) {
+                Py_RETURN_NONE;
+            }
+        }
+    }
+    if (length < 0 || size - at != length) {
+        Py_RETURN_NONE;
+    }
+    return Py_BuildValue("(y#y#)", data + target_start, target_end - target_start, data + at, size - at);
+}
+
 static PyMethodDef methods[] = {
     {"frame", (PyCFunction)(void (*)(void))speedups_frame, METH_FASTCALL,
      "frame(payloads, index, offset, seq, crc, room) -> (bytes, index, offset, seq, crc): segments.frame() "
@@ -748,6 +878,8 @@ static PyMethodDef methods[] = {
      "recv_datagrams(fd) -> [(data, address), ...]: one recvmmsg on a non-blocking socket"},
     {"send_datagrams", (PyCFunction)(void (*)(void))speedups_send_datagrams, METH_FASTCALL,
      "send_datagrams(fd, datagrams, start) -> index of the first datagram not sent (the socket is full)"},
+    {"http_post", (PyCFunction)(void (*)(void))speedups_http_post, METH_FASTCALL,
+     "http_post(data, max_head) -> (target, body) | None: one whole simple POST, else ask httptools"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -759,6 +891,7 @@ PyMODINIT_FUNC
 PyInit__speedups(void)
 {
     crc_init();
+    http_tables_init();
     ts_name = PyUnicode_InternFromString("ts");
     values_name = PyUnicode_InternFromString("values");
     tuple_by_raw = PyDict_New();

@@ -134,6 +134,21 @@ class AuthService:
         self._count(entry.identity, transport, address)
         return True, entry.identity
 
+    def cached_identity(
+        self, credentials: Credentials, transport: str, address: str | None = None
+    ) -> DeviceIdentity | None:
+        """The identity when the cache holds a valid one and the address is not blocked, counted as
+        ``cached`` counts it; else ``None`` with nothing counted, so the caller can go on to ``cached``."""
+        entry = self._cache.get(credentials)
+        if entry is None or entry.identity is None or entry.expires_at <= self._clock():
+            return None
+        blocklist = self._blocklist
+        if address is not None and blocklist is not None:
+            if blocklist.blocked_for(address, self._clock()) > 0:
+                return None
+            blocklist.succeeded(address)
+        return entry.identity
+
     async def _lookup(self, credentials: Credentials) -> DeviceIdentity | None:
         entry = self._cache.get(credentials)
         if entry is not None and entry.expires_at > self._clock():

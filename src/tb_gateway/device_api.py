@@ -103,6 +103,13 @@ class DeviceApi:
         ``authenticate``. Lets a per-request transport answer without a task switch on the hot path."""
         return self.auth.cached(credentials, transport.value, address)
 
+    def known_device(
+        self, credentials: Credentials, transport: Transport, address: str | None = None
+    ) -> DeviceIdentity | None:
+        """The device when the cache knows it and the address may connect; ``None`` (nothing counted) means
+        go the whole way through ``authenticate_cached``. A fast lane's first question."""
+        return self.auth.cached_identity(credentials, transport.value, address)
+
     def post(
         self,
         device: DeviceIdentity,

@@ -14,6 +14,11 @@
   an idle keep-alive connection, or one that never sends a byte, is closed silently.
 - A connection that ends in error (400 malformed, 408, 413, 431) is answered, half-closed and drained for
   ``LINGER_S`` so the client reads the answer instead of a reset.
+- The fast lane: a read that is exactly one simple device message (``_speedups.http_post``: a whole POST
+  with a Content-Length, nothing httptools would read differently) from a device the auth cache knows, on a
+  connection with nothing else in progress, skips httptools' callbacks and the per-request ``Request``: the
+  connection's one reusable ``fast`` request stands in the queue until the pipeline answers. Anything else,
+  and every refusal decided before the message is posted, takes the general path above.
 """
 
 from __future__ import annotations
@@ -27,12 +32,18 @@ from typing import TYPE_CHECKING, Any, cast
 
 import httptools
 
-from tb_gateway.errors import AddressBlocked, CredentialsUnavailable
+from tb_gateway.errors import AddressBlocked, CredentialsUnavailable, PayloadError
 from tb_gateway.http.handlers import HTTP, Finish, Request, too_many
 from tb_gateway.http.routes import Miss
 from tb_gateway.http.wire import CONTINUE, Answer, Persist, Reply, error, render
 from tb_gateway.pipeline import when_settled
 from tb_gateway.records import DeviceIdentity
+from tb_gateway.sinks.base import Outcome
+
+try:
+    from tb_gateway._speedups import http_post
+except ImportError:  # built without a C compiler: every request takes the general path
+    http_post = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
     from tb_gateway.http.server import HttpServer
@@ -88,6 +99,8 @@ class HttpConnection(asyncio.Protocol):
         self.closing = False  # the last answer is written
         self.lingering = False
         self.lost = False
+        self.fast = Request(None, None, Persist.KEEP)  # the fast lane's request, reused (see _fast)
+        self.fast_settled = functools.partial(self._resume, self.fast, self.handlers.delivered)
 
     # ---- asyncio.Protocol ----
 
@@ -113,6 +126,8 @@ class HttpConnection(asyncio.Protocol):
         self.api.pipeline.poll()  # answers whose batch is durable go out now, not at the end of this pass
         if self.stopped:
             return  # failing (lingering), draining or after EOF: discard
+        if not self.queue and self.current is None and self.timer != HEAD and self._fast(data):
+            return
         self.fed_body = 0
         in_head = self.timer == HEAD
         try:
@@ -131,6 +146,46 @@ class HttpConnection(asyncio.Protocol):
             if self.head_bytes > MAX_HEAD_BYTES:
                 self._fail(431, "headers_too_large")
         self._sync_reading()
+
+    def _fast(self, data: bytes) -> bool:
+        """The fast lane (module docstring): True when it took the request; False leaves ``data`` untouched."""
+        if http_post is None:
+            return False
+        hit = http_post(data, MAX_HEAD_BYTES)
+        if hit is None:
+            return False
+        target, body = hit
+        server = self.server
+        _, credentials, _, _, kind = server.route(b"POST", target)
+        if kind is None or credentials is None or len(body) > server.max_payload or server.draining:
+            return False
+        api = self.api
+        device = api.known_device(credentials, HTTP, self.address)
+        if device is None:
+            return False
+        request = self.fast
+        request.persist = Persist.KEEP
+        request.device = device
+        request.done_at = time.perf_counter()
+        self.timer = NO_TIMER
+        self.deadline = 0.0
+        self.queue.append(request)
+        try:
+            result = api.post(device, kind, body, HTTP)
+        except PayloadError as exc:  # already counted and logged
+            self._finish(request, error(400, str(exc)))
+            return True
+        except Exception:
+            log.exception("HTTP %s handler failed", kind.value)
+            self.api.metrics.errors.labels(component="http").inc()
+            self._finish(request, error(500, "internal error"))
+            return True
+        if isinstance(result, Outcome):  # answered at once; a refusal is already counted
+            self._finish(request, self.handlers.outcome(request, result))
+        else:
+            self.busy = True
+            when_settled(result, self.fast_settled)
+        return True
 
     def eof_received(self) -> bool | None:
         if not self.peer_gone.done():
@@ -193,7 +248,7 @@ class HttpConnection(asyncio.Protocol):
             persist = Persist.CLOSE
         else:
             persist = Persist.KEEP if parser.get_http_version() == "1.1" else Persist.KEEP_10
-        route, credentials, handler, takes_body = server.route(parser.get_method(), self.url)
+        route, credentials, handler, takes_body, _ = server.route(parser.get_method(), self.url)
         if isinstance(route, Miss):
             request = Request(None, None, persist)
             extra = b"Allow: %s\r\n" % route.allow if route.allow else b""

@@ -17,13 +17,20 @@ from tb_gateway.auth import AccessToken
 from tb_gateway.device_api import DeviceApi
 from tb_gateway.http.connection import HttpConnection
 from tb_gateway.http.handlers import HTTP, Handler, Handlers
-from tb_gateway.http.routes import Match, Miss, resolve
+from tb_gateway.http.routes import Endpoint, Match, Miss, resolve
 from tb_gateway.http.wire import EmptyResponses
+from tb_gateway.records import RecordKind
 
 log = logging.getLogger(__name__)
 
 Health = Callable[[], tuple[bool, dict[str, Any]]]
-Route = tuple[Match | Miss, AccessToken | None, Handler | None, bool]  # ..., credentials, handler, takes body
+# the route, its credentials, its handler, whether it takes a body, and the kind of a device message
+Route = tuple[Match | Miss, AccessToken | None, Handler | None, bool, RecordKind | None]
+MESSAGES = {
+    Endpoint.TELEMETRY: RecordKind.TELEMETRY,
+    Endpoint.ATTRIBUTES: RecordKind.ATTRIBUTES,
+    Endpoint.CLAIM: RecordKind.CLAIM,
+}
 
 ROUTE_CACHE = 10_000  # distinct (method, target) pairs remembered; a flood of made-up paths just refills it
 
@@ -92,9 +99,9 @@ class HttpServer:
             if isinstance(route, Match):
                 credentials = AccessToken(route.token) if route.token is not None else None
                 handler = self.handlers.table[route.endpoint]
-                found = (route, credentials, handler, route.endpoint.takes_body)
+                found = (route, credentials, handler, route.endpoint.takes_body, MESSAGES.get(route.endpoint))
             else:
-                found = (route, None, None, False)
+                found = (route, None, None, False, None)
             self._routes[key] = found
         return found
 

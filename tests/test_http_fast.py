@@ -1,0 +1,343 @@
+"""The HTTP fast lane's reader (``_speedups.http_post``) against httptools, the reference.
+
+The fast lane may decline anything (the connection then feeds httptools), but whatever it accepts must be
+exactly what httptools reads: one whole POST, the same target and body, HTTP/1.1, keep-alive, no upgrade.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httptools
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tb_gateway.http import connection
+from tests.http_support import Raw, request, run, serving
+
+_speedups: Any
+try:
+    from tb_gateway import _speedups
+except ImportError:  # built without a C compiler: there is no fast lane to check
+    _speedups = None
+
+pytestmark = pytest.mark.skipif(_speedups is None, reason="the C fast path is not built")
+
+MAX_HEAD = 16 * 1024
+BODY = b'{"temperature":42.5,"humidity":73}'
+WRK = (  # what wrk and most device clients send
+    b"POST /api/v1/TOKEN_1/telemetry HTTP/1.1\r\nHost: 127.0.0.1:8081\r\nContent-Type: application/json\r\n"
+    b"Content-Length: %d\r\n\r\n%b" % (len(BODY), BODY)
+)
+
+
+def fast(data: bytes) -> tuple[bytes, bytes] | None:
+    return _speedups.http_post(data, MAX_HEAD)  # type: ignore[no-any-return]
+
+
+class Reading:
+    """What httptools makes of ``data``: every message, and whether it stopped with an error."""
+
+    def __init__(self, data: bytes) -> None:
+        self.messages: list[dict[str, Any]] = []
+        self.error: Exception | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self.error = exc
+
+    def on_message_begin(self) -> None:
+        self.messages.append({"url": b"", "body": b"", "complete": False})
+
+    def on_url(self, url: bytes) -> None:
+        self.messages[-1]["url"] += url
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        message = self.messages[-1]
+        message["method"] = parser.get_method()
+        message["version"] = parser.get_http_version()
+        message["keep_alive"] = parser.should_keep_alive()
+        message["upgrade"] = parser.should_upgrade()
+
+    def on_body(self, body: bytes) -> None:
+        self.messages[-1]["body"] += body
+
+    def on_message_complete(self) -> None:
+        self.messages[-1]["complete"] = True
+
+
+def agrees(data: bytes) -> None:
+    """The fast lane's answer, if any, is httptools' reading of the same bytes."""
+    hit = fast(data)
+    if hit is None:
+        return
+    target, body = hit
+    reading = Reading(data)
+    assert reading.error is None, (data, reading.error)
+    assert len(reading.messages) == 1, data
+    (message,) = reading.messages
+    assert message == {
+        "url": target,
+        "body": body,
+        "complete": True,
+        "method": b"POST",
+        "version": "1.1",
+        "keep_alive": True,
+        "upgrade": False,
+    }, data
+
+
+def test_reads_what_clients_send() -> None:
+    assert fast(WRK) == (b"/api/v1/TOKEN_1/telemetry", BODY)
+    agrees(WRK)
+    minimal = b"POST /api/v1/T/attributes?x=1 HTTP/1.1\r\ncontent-length:2\r\n\r\n{}"
+    assert fast(minimal) == (b"/api/v1/T/attributes?x=1", b"{}")
+    agrees(minimal)
+    empty = b"POST /api/v1/T/claim HTTP/1.1\r\nContent-Length: 0 \r\nX-Tab:\tv\t\r\n\r\n"
+    assert fast(empty) == (b"/api/v1/T/claim", b"")
+    agrees(empty)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        WRK[:-1],  # the body is not all here
+        WRK + b"x",  # more than one request's bytes
+        WRK + WRK,  # pipelined: left to httptools
+        WRK[: WRK.index(b"\r\n\r\n")],  # the head is cut
+        WRK.replace(b"POST", b"GET", 1),
+        WRK.replace(b"POST", b"post", 1),
+        WRK.replace(b"HTTP/1.1", b"HTTP/1.0", 1),
+        WRK.replace(b"HTTP/1.1", b"HTTP/2.0", 1),
+        WRK.replace(b"/api", b"http://h/api", 1),  # absolute form
+        WRK.replace(b"TOKEN_1", b"TOK EN", 1),
+        WRK.replace(b"TOKEN_1", b"TOK{EN}", 1),
+        WRK.replace(b"TOKEN_1", "TØKEN".encode(), 1),
+        WRK.replace(b"Host:", b"Connection: close\r\nHost:", 1),
+        WRK.replace(b"Host:", b"Connection: keep-alive\r\nHost:", 1),
+        WRK.replace(b"Host:", b"Proxy-Connection: close\r\nHost:", 1),
+        WRK.replace(b"Host:", b"Expect: 100-continue\r\nHost:", 1),
+        WRK.replace(b"Host:", b"Upgrade: websocket\r\nHost:", 1),
+        WRK.replace(b"Host:", b"Transfer-Encoding: chunked\r\nHost:", 1),
+        WRK.replace(b"Host:", b"TRANSFER-ENCODING: identity\r\nHost:", 1),
+        WRK.replace(b"Host:", b"Content-Length: %d\r\nHost:" % len(BODY), 1),  # twice
+        WRK.replace(b"Content-Length: ", b"Content-Length: +", 1),
+        WRK.replace(b"Content-Length: ", b"Content-Length: 0x", 1),
+        WRK.replace(b"Content-Length: %d" % len(BODY), b"Content-Length:", 1),
+        WRK.replace(b"Content-Length: %d" % len(BODY), b"Content-Length: 0000000000%d" % len(BODY), 1),
+        WRK.replace(b"Content-Length: %d\r\n" % len(BODY), b"", 1),  # no length: no body in HTTP/1.1
+        WRK.replace(b"Host: ", b"Host : ", 1),  # space before the colon
+        WRK.replace(b"Host: ", b"Host:\r\n x", 1),  # obs-fold
+        WRK.replace(b"\r\nHost", b"\nHost", 1),  # bare LF
+        WRK.replace(b"\r\n\r\n", b"\n\r\n", 1),
+        WRK.replace(b"Host: 127", b"Host: \x00127", 1),
+        WRK.replace(b"Host: 127", b"Host: \x7f127", 1),
+        WRK.replace(b"Host: 127", "Host: ü127".encode(), 1),
+        WRK.replace(b"Host: ", b"H\x01st: ", 1),
+        WRK.replace(b"Host: ", b": ", 1),  # no name
+        b"POST / HTTP/1.1\r\nX: " + b"a" * MAX_HEAD + b"\r\nContent-Length: 0\r\n\r\n",  # head over the limit
+    ],
+)
+def test_leaves_everything_else_to_httptools(data: bytes) -> None:
+    assert fast(data) is None
+
+
+def test_a_head_within_the_limit_is_read() -> None:
+    filler = b"a" * (MAX_HEAD - 100)
+    data = b"POST / HTTP/1.1\r\nX: " + filler + b"\r\nContent-Length: 1\r\n\r\nz"
+    assert fast(data) == (b"/", b"z")
+    agrees(data)
+
+
+def test_refuses_wrong_arguments() -> None:
+    with pytest.raises(TypeError):
+        _speedups.http_post("text", MAX_HEAD)
+    with pytest.raises(TypeError):
+        _speedups.http_post(WRK)
+
+
+# -- generated requests: near-misses of the accepted grammar, and mutations of real requests --------------
+
+# Each part is usually right and sometimes a near miss, so that many requests are whole and valid, and
+# the rest differ from a valid one in one or two places.
+METHODS = st.sampled_from([b"POST"] * 12 + [b"GET", b"PUT", b"POSTX", b"PATCH", b"post"])
+VERSIONS = st.sampled_from([b"HTTP/1.1"] * 12 + [b"HTTP/1.0", b"HTTP/1.2", b"HTTP/2", b"http/1.1", b"HTTP/1.1 "])
+TARGET_BYTES = st.sampled_from(
+    list(b"/azAZ09-._~!$&'()*+,;=:@?%") * 3 + [32, 9, 34, 35, 60, 62, 92, 94, 123, 127, 0, 200]  # and odd ones
+)
+TARGETS = st.lists(TARGET_BYTES, max_size=30).map(lambda chars: b"/" + bytes(chars))
+NAMES = st.one_of(
+    st.sampled_from(
+        [
+            b"Host",
+            b"Content-Type",
+            b"content-length",
+            b"CONTENT-LENGTH",
+            b"Content-Length ",
+            b"Connection",
+            b"Transfer-Encoding",
+            b"Expect",
+            b"Upgrade",
+            b"Proxy-Connection",
+            b"X-Custom",
+            b"",
+        ]
+    ),
+    st.binary(min_size=1, max_size=8),
+    st.text("abcXYZ-_!#$%&'*+.^`|~019", min_size=1, max_size=8).map(str.encode),
+)
+VALUES = st.one_of(
+    st.sampled_from([b"", b"0", b"2", b"12", b" 12 ", b"chunked", b"close", b"keep-alive", b"100-continue"]),
+    st.binary(max_size=12),
+    st.binary(max_size=12).map(lambda b: bytes(c % 95 + 32 for c in b)),  # printable
+)
+ENDINGS = st.sampled_from([b"\r\n"] * 15 + [b"\n", b"\r", b"\r\n "])
+
+
+@st.composite
+def requests(draw: st.DrawFn) -> bytes:
+    body = draw(st.binary(max_size=20))
+    line = b"%b %b %b" % (draw(METHODS), draw(TARGETS), draw(VERSIONS))
+    headers = [
+        b"%b:%b%b" % (draw(NAMES), draw(st.sampled_from([b"", b" ", b"\t"])), draw(VALUES))
+        for _ in range(draw(st.integers(0, 4)))
+    ]
+    if draw(st.integers(0, 5)):
+        length = draw(st.sampled_from([len(body)] * 6 + [len(body) + 1, max(len(body) - 1, 0)]))
+        headers.insert(draw(st.integers(0, len(headers))), b"Content-Length: %d" % length)
+    ending = draw(ENDINGS)
+    return line + ending + b"".join(header + draw(ENDINGS) for header in headers) + ending + body
+
+
+@settings(max_examples=3000, deadline=None)
+@given(requests())
+def test_generated_requests_read_as_httptools_reads_them(data: bytes) -> None:
+    agrees(data)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.integers(0, len(WRK) - 1), st.binary(max_size=3), st.integers(0, 3))
+def test_mutated_requests_read_as_httptools_reads_them(at: int, insert: bytes, remove: int) -> None:
+    agrees(WRK[:at] + insert + WRK[at + remove :])
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.binary(max_size=200))
+def test_any_bytes_read_as_httptools_reads_them(data: bytes) -> None:
+    agrees(b"POST /" + data)
+
+
+# -- the fast lane in the connection -----------------------------------------------------------------------
+
+TELEMETRY = "/api/v1/T1/telemetry"
+
+
+@pytest.fixture
+def taken(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[bytes]]:
+    """The targets of the requests the fast lane read (a wrapper around the connection's reader); each
+    request httptools read adds ``b"general"``."""
+    targets: list[bytes] = []
+    begin = connection.HttpConnection.on_message_begin
+
+    def general(self: connection.HttpConnection) -> None:
+        targets.append(b"general")
+        begin(self)
+
+    def counting(data: bytes, max_head: int) -> tuple[bytes, bytes] | None:
+        hit = fast(data) if max_head == MAX_HEAD else None
+        if hit is not None:
+            targets.append(hit[0])
+        return hit
+
+    monkeypatch.setattr(connection, "http_post", counting)
+    monkeypatch.setattr(connection.HttpConnection, "on_message_begin", general)
+    yield targets
+
+
+COUNTED = {
+    "auth failures": ("tb_gateway_auth_failures_total", {}),
+    "bad payloads": ("tb_gateway_refusals_total", {"reason": "bad_payload"}),
+    "rate limited": ("tb_gateway_refusals_total", {"reason": "rate_limited"}),
+    "received": ("tb_gateway_messages_received_total", {}),
+}
+
+
+async def _served(tmp_path: Path, requests: list[bytes], *, whole: bool, **settings: Any) -> dict[str, Any]:
+    """Each request on its own connection, after one that fills the auth cache; whole or byte by byte."""
+    async with serving(tmp_path, tokens={"T1": "dev1"}, **settings) as gw:
+        warm = await Raw.connect(gw.port)
+        await warm.send(request("GET", "/api/v1/T1/attributes"))
+        assert (await warm.response())[0] == 200
+        await warm.close()
+        answers = []
+        for data in requests:
+            raw = await Raw.connect(gw.port)
+            for chunk in [data] if whole else [data[i : i + 1] for i in range(len(data))]:
+                raw.writer.write(chunk)
+                await raw.writer.drain()
+            status, headers, body = await raw.response()
+            answers.append((status, {k: v for k, v in headers.items() if k != "date"}, body))
+            await raw.close()
+        return {
+            "answers": answers,
+            "records": [(r.device.name, r.kind.value, r.values) for r in gw.sink.records],
+            **{what: gw.metric(name, transport="http", **labels) for what, (name, labels) in COUNTED.items()},
+        }
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_the_fast_lane_answers_as_the_general_path(loop: str, tmp_path: Path, taken: list[bytes]) -> None:
+    requests = [
+        request("POST", TELEMETRY, b'{"n": 1}'),
+        request("POST", "/api/v1/T1/attributes", b'{"a": "x"}'),
+        request("POST", "/api/v1/T1/claim", b""),
+        request("POST", TELEMETRY, b"{}"),  # nothing to store: answered at once
+        request("POST", TELEMETRY, b'{"n": '),  # 400, counted once
+        request("POST", "/api/v1/T1/attributes", b"[1]"),
+        request("POST", "/api/v1/NOPE/telemetry", b'{"n": 2}'),  # 401, counted once
+        request("POST", "/api/v1/NOPE/telemetry", b'{"n": 3}'),  # 401 from the cache
+        request("POST", TELEMETRY, b'{"n": 4}'),
+        request("POST", TELEMETRY, b'{"n": 5}'),  # over the rate limit: 429
+    ]
+    limits = {"rate_limit_enabled": True, "rate_limit_device_telemetry_messages": "3:60"}
+
+    async def main() -> None:
+        fast_lane = await _served(tmp_path / "fast", requests, whole=True, **limits)
+        fast_targets = list(taken)  # read by the fast lane's reader (the two NOPE then go the general way)
+        taken.clear()
+        general = await _served(tmp_path / "general", requests, whole=False, **limits)
+        assert fast_lane == general
+        assert [status for status, _, _ in fast_lane["answers"]] == [200, 200, 200, 200, 400, 400, 401, 401, 200, 429]
+        assert (fast_lane["auth failures"], fast_lane["bad payloads"], fast_lane["rate limited"]) == (2, 2, 1)
+        assert fast_lane["received"] == 8
+        assert fast_lane["records"] == [
+            ("dev1", "telemetry", {"n": 1}),
+            ("dev1", "attributes", {"a": "x"}),
+            ("dev1", "claim", {"secretKey": "", "durationMs": 0}),
+            ("dev1", "telemetry", {"n": 4}),
+        ]
+        telemetry, attributes, nope = b"/api/v1/T1/telemetry", b"/api/v1/T1/attributes", b"/api/v1/NOPE/telemetry"
+        assert fast_targets == [
+            b"general",  # the request that fills the auth cache: a GET
+            telemetry,
+            attributes,
+            b"/api/v1/T1/claim",
+            telemetry,
+            telemetry,
+            attributes,
+            nope,  # a token the cache does not know...
+            b"general",  # ...goes the general way
+            nope,  # a cached refusal too
+            b"general",
+            telemetry,
+            telemetry,
+        ]
+        assert taken == [b"general"] * (1 + len(requests))  # byte by byte, nothing is whole
+
+    run(loop, main())
