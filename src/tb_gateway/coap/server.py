@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 COAP = Transport.COAP
 MAX_PENDING = 10_000  # requests admitted but not yet answered (auth waits included); beyond it: 5.03
+ROUTE_CACHE = 10_000  # distinct (method, options) request shapes remembered; a flood of made-up ones refills it
 _JSON = ((Option.CONTENT_FORMAT, encode_uint(ContentFormat.JSON)),)
 
 # Outcome of a device message -> CoAP response code (device_api's table); overload refusals get Max-Age.
@@ -103,6 +104,7 @@ class CoapServer:
         self._idle: asyncio.Event | None = None  # set by ``drain``: wakes it when the last answer is out
         self._accepting = True
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._routes: dict[tuple[int, Options], tuple[Any, AccessToken | None]] = {}
         # Observe on rpc / attributes, RPC replies, client RPC (coap/downlink.py, docs/downlink.md)
         self.downlink = CoapDownlink(self, api.downlink) if api.downlink is not None else None
         self._dispatch: dict[type, Callable[[Any], None]] = {
@@ -200,25 +202,28 @@ class CoapServer:
             self.api.refused(None, COAP, "overloaded" if self._accepting else "shutting_down")
             self._answer(exchange, Code.SERVICE_UNAVAILABLE, options=self._retry_after)
             return
-        path = exchange.path
-        if len(path) < 2 or path[0] != "api" or path[1] != "v1":
-            self._answer(exchange, Code.NOT_FOUND)
-            return
-        methods = ROUTES.get(path[3]) if len(path) == 4 else RPC_REPLY if len(path) == 5 and path[3] == "rpc" else None
-        if methods is None:
-            self._answer(exchange, Code.BAD_REQUEST, b"unknown path")
-            return
-        handler = methods.get(exchange.code)
-        if handler is None:  # ThingsBoard: a GET on a POST-only feature is 4.00, other methods 4.05
-            self._answer(exchange, Code.BAD_REQUEST if exchange.code == Code.GET else Code.METHOD_NOT_ALLOWED)
+        key = (exchange.code, exchange.options)  # a device repeats the same request shape: routed once
+        route = self._routes.get(key)
+        if route is None:
+            route = _route(exchange)
+            if len(self._routes) >= ROUTE_CACHE:
+                self._routes.clear()
+            self._routes[key] = route
+        handler, credentials = route
+        if credentials is None:  # a refusal decided by the path and method alone
+            self._answer(exchange, *handler)
             return
         if len(exchange.payload) > self._max_payload:
             self.api.refused(None, COAP, "too_large")
             self._answer(exchange, Code.REQUEST_ENTITY_TOO_LARGE, options=self._too_large)
             return
-        credentials = AccessToken(path[2])
-        try:  # the hot path: a cached token is answered without a coroutine
-            known, device = self.api.authenticate_cached(credentials, COAP, exchange.addr[0])
+        address = exchange.addr[0]
+        device = self.api.known_device(credentials, COAP, address)
+        if device is not None:  # the hot path: a device the auth cache knows, answered without a coroutine
+            self._handle(exchange, handler, device)
+            return
+        try:
+            known, device = self.api.authenticate_cached(credentials, COAP, address)
         except AddressBlocked as exc:
             self._address_blocked(exchange, exc)
             return
@@ -326,6 +331,20 @@ class CoapServer:
         if not self._flush_scheduled and self._loop is not None:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
+
+
+def _route(exchange: Exchange) -> tuple[Any, AccessToken | None]:
+    """``(handler, credentials)`` for a device route, or ``((code, payload), None)`` for a refusal."""
+    path = exchange.path
+    if len(path) < 2 or path[0] != "api" or path[1] != "v1":
+        return (Code.NOT_FOUND,), None
+    methods = ROUTES.get(path[3]) if len(path) == 4 else RPC_REPLY if len(path) == 5 and path[3] == "rpc" else None
+    if methods is None:
+        return (Code.BAD_REQUEST, b"unknown path"), None
+    handler = methods.get(exchange.code)
+    if handler is None:  # ThingsBoard: a GET on a POST-only feature is 4.00, other methods 4.05
+        return (Code.BAD_REQUEST if exchange.code == Code.GET else Code.METHOD_NOT_ALLOWED,), None
+    return handler, AccessToken(path[2])
 
 
 def _max_age(wait_s: float) -> Options:
