@@ -489,6 +489,28 @@ def test_memory_stays_bounded_under_a_flood_of_ids_tokens_and_addresses(tmp_path
     run(main())
 
 
+def test_the_route_cache_stays_bounded_and_routes_each_shape_by_its_own_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tb_gateway.coap import server as coap_server
+
+    monkeypatch.setattr(coap_server, "ROUTE_CACHE", 8)
+
+    async def main() -> None:
+        async with serving(tmp_path) as (_, server, client, sink):
+            answers = []
+            for n in range(30):  # distinct shapes: paths with other tokens, other features, other methods
+                shape = n % 3
+                options = path("api", "v1", TOKEN if shape else f"NOPE{n}", "telemetry" if shape != 2 else "nowhere")
+                client.request(Code.POST, options, b'{"n":%d}' % n)
+                answers.append((await client.recv()).code)
+                assert len(server._routes) <= 8
+            assert answers == [Code.UNAUTHORIZED, Code.CREATED, Code.BAD_REQUEST] * 10
+            assert [r.values["n"] for r in sink.records] == list(range(1, 30, 3))
+
+    run(main())
+
+
 def test_stop_accepting_refuses_new_requests_and_drain_answers_admitted_ones(tmp_path: Path) -> None:
     async def main() -> None:
         async with serving(tmp_path) as (_, server, client, sink):
