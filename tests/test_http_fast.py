@@ -6,6 +6,7 @@ exactly what httptools reads: one whole POST, the same target and body, HTTP/1.1
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tb_gateway.http import connection
-from tests.http_support import Raw, request, run, serving
+from tests.http_support import Raw, request, run, serving, statuses
 
 _speedups: Any
 try:
@@ -339,5 +340,67 @@ def test_the_fast_lane_answers_as_the_general_path(loop: str, tmp_path: Path, ta
             telemetry,
         ]
         assert taken == [b"general"] * (1 + len(requests))  # byte by byte, nothing is whole
+
+    run(loop, main())
+
+
+class StalledTransport:
+    """A transport whose peer stopped reading: the test says when writing is paused and resumed."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.reading = True
+        self.closing = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 40000) if name == "peername" else default
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_client_that_stopped_reading_is_not_served_by_the_fast_lane(
+    loop: str, tmp_path: Path, taken: list[bytes]
+) -> None:
+    """Its requests wait (the general path posts nothing while writing is paused), so answers cannot pile up."""
+
+    async def main() -> None:
+        async with serving(tmp_path, tokens={"T1": "dev1"}) as gw:
+            warm = await Raw.connect(gw.port)
+            await warm.send(request("POST", TELEMETRY, b'{"n": 0}'))
+            assert (await warm.response())[0] == 200
+            await warm.close()
+            taken.clear()
+            peer = connection.HttpConnection(gw.server)
+            transport = StalledTransport()
+            peer.connection_made(transport)  # type: ignore[arg-type]
+            peer.pause_writing()
+            peer.data_received(request("POST", TELEMETRY, b'{"n": 1}'))
+            await asyncio.sleep(0.1)
+            assert taken == [b"general"]
+            assert [r.values for r in gw.sink.records] == [{"n": 0}]  # not posted yet
+            peer.resume_writing()
+            for _ in range(100):
+                if transport.written:
+                    break
+                await asyncio.sleep(0.01)
+            assert statuses(b"".join(transport.written)) == [200]
+            assert [r.values for r in gw.sink.records] == [{"n": 0}, {"n": 1}]
+            peer.data_received(request("POST", TELEMETRY, b'{"n": 2}'))  # reading again: the fast lane
+            assert taken == [b"general", b"/api/v1/T1/telemetry"]
+            peer.connection_lost(None)
 
     run(loop, main())

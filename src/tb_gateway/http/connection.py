@@ -16,9 +16,10 @@
   ``LINGER_S`` so the client reads the answer instead of a reset.
 - The fast lane: a read that is exactly one simple device message (``_speedups.http_post``: a whole POST
   with a Content-Length, nothing httptools would read differently) from a device the auth cache knows, on a
-  connection with nothing else in progress, skips httptools' callbacks and the per-request ``Request``: the
-  connection's one reusable ``fast`` request stands in the queue until the pipeline answers. Anything else,
-  and every refusal decided before the message is posted, takes the general path above.
+  connection with nothing else in progress and a client that reads our answers, skips httptools' callbacks
+  and the per-request ``Request``: the connection's one reusable ``fast`` request stands in the queue until
+  the pipeline answers. Anything else, and every refusal decided before the message is posted, takes the
+  general path above.
 """
 
 from __future__ import annotations
@@ -126,7 +127,8 @@ class HttpConnection(asyncio.Protocol):
         self.api.pipeline.poll()  # answers whose batch is durable go out now, not at the end of this pass
         if self.stopped:
             return  # failing (lingering), draining or after EOF: discard
-        if not self.queue and self.current is None and self.timer != HEAD and self._fast(data):
+        idle = not self.queue and self.current is None and self.timer != HEAD and not self.write_paused
+        if idle and self._fast(data):  # the fast lane (module docstring); else httptools reads it
             return
         self.fed_body = 0
         in_head = self.timer == HEAD
