@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+import uvloop
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -397,3 +398,36 @@ def test_when_settled_on_a_settled_ticket_or_another_future_still_calls_back() -
         assert calls == [Outcome.DELIVERED, Outcome.REJECTED]
 
     run(scenario)
+
+
+def test_a_wake_up_due_within_a_millisecond_on_uvloop() -> None:
+    """uvloop's ``call_at`` returns a plain Handle, without ``when()``, for a deadline under 1 ms away: the
+    batcher keeps the time itself (it once raised in the loop's callbacks under a steady stream)."""
+    errors: list[dict[str, Any]] = []
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: errors.append(context))
+        sink = CallbackMemorySink()
+        # group commit: the next batch often waits for what is left of 1.5 ms, under a millisecond
+        pipeline = Pipeline(
+            sink, Metrics(), batch_size=100, batch_timeout_s=3600.0, max_queue=10_000, commit_interval_s=0.0015
+        )
+        runner = asyncio.create_task(pipeline.run())
+        pending = []
+        try:
+            loop = asyncio.get_running_loop()
+            until = loop.time() + 0.3
+            seq = 0
+            while loop.time() < until:  # a record every loop pass, as a busy transport submits them
+                seq += 1
+                pending.append(pipeline.submit([record(seq % 4, seq)]))
+                await asyncio.sleep(0)
+            outcomes = await asyncio.wait_for(asyncio.gather(*pending), 5)  # type: ignore[arg-type]
+            assert set(outcomes) == {Outcome.DELIVERED}
+            assert sum(len(batch) for batch in sink.batches) == seq
+        finally:
+            pipeline.close()
+            await asyncio.wait_for(runner, 10)
+
+    uvloop.run(main())
+    assert errors == []

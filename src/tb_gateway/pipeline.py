@@ -105,7 +105,8 @@ class Pipeline:
         self.poll: Callable[[], None] = sink.poll if isinstance(sink, CallbackSink) else _nothing
         self._running = False
         self._kick_due = False
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None  # the batcher's one wake-up, due at _timer_at
+        self._timer_at = 0.0
         self._linger_until: float | None = None
         self._idle = asyncio.Event()
         self._event_loop: asyncio.AbstractEventLoop | None = None
@@ -260,11 +261,14 @@ class Pipeline:
     def _wake_at(self, when: float) -> None:
         timer = self._timer
         if timer is not None:
-            if timer.when() <= when:
+            if self._timer_at <= when:
                 return  # an earlier kick re-checks and re-arms
             timer.cancel()
         assert self._event_loop is not None
+        # the time is kept here: for a deadline under 1 ms away uvloop's call_at returns a plain Handle,
+        # which has no when()
         self._timer = self._event_loop.call_at(when, self._on_timer)
+        self._timer_at = when
 
     def _on_timer(self) -> None:
         self._timer = None
