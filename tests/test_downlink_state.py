@@ -14,7 +14,7 @@ from tb_gateway.downlink.device_state import DeviceStateTracker, StateEvent
 from tb_gateway.downlink.sessions import Feature
 from tb_gateway.downlink.shared_attributes import SharedChange, parse_change
 from tb_gateway.errors import PayloadError
-from tb_gateway.records import RecordKind, Transport
+from tb_gateway.records import DeviceIdentity, RecordKind, Transport
 from tb_gateway.sinks.base import Outcome
 from tests.downlink_support import DEVICE, OTHER, T0, Clock, FakePipeline, FakeSession, make_hub
 
@@ -264,3 +264,64 @@ def test_hub_state_records_for_an_mqtt_connection(tmp_path: Path) -> None:
             },
         ),
     ]
+
+
+def test_the_tracker_forgets_the_longest_dormant_devices_beyond_its_cap() -> None:
+    tracker = DeviceStateTracker(inactivity_timeout_ms=1000, max_devices=3)
+    a, b, c, d, e = (DeviceIdentity(f"id-{n}", n) for n in "abcde")
+    tracker.connected(a, Transport.MQTT, T0)
+    tracker.activity(b, Transport.HTTP, T0)
+    tracker.connected(c, Transport.MQTT, T0)
+    tracker.disconnected(c, Transport.MQTT, T0 + 10)  # dormant since +10
+    tracker.expire(T0 + 1000)  # b (HTTP) inactive since +1000; a is inactive too but still connected
+    assert tracker.take_forgotten() == []
+
+    tracker.activity(d, Transport.COAP, T0 + 2000)  # a fourth device: c has been dormant longest
+    assert tracker.take_forgotten() == ["id-c"] and tracker.state("id-c") is None
+    tracker.activity(e, Transport.COAP, T0 + 2001)  # then b; a is connected and never goes
+    assert tracker.take_forgotten() == ["id-b"] and tracker.take_forgotten() == []
+    assert set(tracker.devices) == {"id-a", "id-d", "id-e"}
+
+    f = DeviceIdentity("id-f", "f")
+    tracker.activity(f, Transport.HTTP, T0 + 2002)  # nobody is dormant: the cap gives way, nothing is lost
+    assert tracker.take_forgotten() == [] and len(tracker.devices) == 4
+    tracker.disconnected(a, Transport.MQTT, T0 + 2003)
+    assert [last_activity for *_, last_activity in events(tracker.expire(T0 + 3002))] == [
+        T0 + 2000,
+        T0 + 2001,
+        T0 + 2002,
+    ]  # d, e, f inactive
+    tracker.activity(d, Transport.COAP, T0 + 3003)  # d comes back: active, not dormant any more
+
+    # a forgotten device that comes back starts afresh; the dormant ones go oldest first (a, then e, f)
+    assert events(tracker.connected(c, Transport.MQTT, T0 + 4000)) == [("connect", True, T0 + 4000, None, T0 + 4000)]
+    assert tracker.take_forgotten() == ["id-a", "id-e"]
+    assert set(tracker.devices) == {"id-c", "id-d", "id-f"}
+
+
+def test_the_hub_drops_what_it_kept_for_forgotten_devices_but_not_their_pending_rpcs(tmp_path: Path) -> None:
+    clock, pipeline = Clock(), FakePipeline()
+    hub, _ = make_hub(tmp_path, clock, pipeline, max_tracked_devices=1, inactivity_timeout_ms=1000)
+
+    async def main() -> None:
+        session = FakeSession()
+        hub.attach(session)
+        hub.detach(session)  # DEVICE is dormant
+        _, pending = hub.send_rpc(DEVICE.id, "m", None, timeout_ms=60_000, device=DEVICE)  # waits for it
+        hub.activity(OTHER, Transport.HTTP)  # over the cap: DEVICE's state goes, its RPC stays
+        assert hub.device_state(DEVICE.id) is None and hub.device_state(OTHER.id) is not None
+        assert hub.rpc.pending == 1
+        clock.advance(60_000)
+        hub.tick()
+        assert (await pending).status.value == "expired"
+        named = {r.device.name for r in pipeline.records if r.kind is RecordKind.RPC_RESPONSE}
+        assert named == {DEVICE.name}  # its records still carry its name, not just its id
+
+        clock.advance(1000)
+        hub.tick()  # OTHER inactive
+        hub.activity(DEVICE, Transport.HTTP)  # OTHER goes, with nothing pending: all of it
+        assert hub.device_state(OTHER.id) is None
+        assert hub.send_rpc(OTHER.id, "m", None, timeout_ms=1)[0].id == 1  # its ids start again
+        assert hub._metrics.registry.get_sample_value("tb_gateway_device_states_forgotten_total") == 2
+
+    asyncio.run(main())

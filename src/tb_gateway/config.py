@@ -121,6 +121,7 @@ class Settings(BaseSettings):
     client_side_rpc_timeout_seconds: PositiveSeconds = 60.0  # then {"error":"timeout"}; ThingsBoard's default
     client_side_rpc_max_pending: Positive = 10_000  # device->backend RPCs awaiting a reply, whole gateway
     device_inactivity_timeout_seconds: PositiveSeconds = 600.0  # ThingsBoard's DEFAULT_INACTIVITY_TIMEOUT
+    device_state_max_devices: Positive = 1_000_000  # devices whose state is tracked at once (about 300 B each)
 
     # --- store and forward spool (DATA_DIR/spool/<sink>) ---
     spool_enabled: bool = True  # keep records in DATA_DIR while the backend is down, replay them later

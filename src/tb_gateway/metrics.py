@@ -198,6 +198,11 @@ class Metrics:
             ["event"],
             registry=r,
         )
+        self.device_states_forgotten = Counter(
+            "tb_gateway_device_states_forgotten_total",
+            "Dormant devices whose state was forgotten to stay within DEVICE_STATE_MAX_DEVICES",
+            registry=r,
+        )
         self.devices_active = Gauge(
             "tb_gateway_devices_active", "Devices active now (ThingsBoard's 'active' attribute)", registry=r
         )

@@ -13,6 +13,11 @@ ThingsBoard's names (spec §6.3): ``active``, ``lastConnectTime``, ``lastDisconn
   not activity: only requests are.
 
 Every event carries all four values, so each record is the device's whole state.
+
+Memory is bounded: beyond ``max_devices`` tracked devices, the ones that have been inactive and disconnected
+longest are forgotten (their last state is already in a record). A forgotten device that comes back starts
+afresh: its next event has no earlier connect or disconnect time. Active or connected devices are never
+forgotten, since their inactivity or disconnect is still to be reported.
 """
 
 from __future__ import annotations
@@ -81,10 +86,14 @@ NOTHING: tuple[StateChanged, ...] = ()
 
 
 class DeviceStateTracker:
-    def __init__(self, inactivity_timeout_ms: int) -> None:
+    def __init__(self, inactivity_timeout_ms: int, max_devices: int = 1_000_000) -> None:
         self._timeout = inactivity_timeout_ms
+        self._max_devices = max_devices
         self.devices: dict[str, DeviceState] = {}  # public for the hub's hot path: active -> set last_activity
         self._checks: list[tuple[int, str]] = []  # (when to look again, device id), one per active device
+        # inactive and disconnected devices, the one in that state longest first: who is forgotten first
+        self._dormant: dict[str, None] = {}
+        self.forgotten: list[str] = []  # ids forgotten since the owner last took them (take_forgotten)
         self.active = 0
 
     def connected(self, device: DeviceIdentity, transport: Transport, now: int) -> tuple[StateChanged, ...]:
@@ -110,6 +119,8 @@ class DeviceStateTracker:
         if state.active:
             state.active = False
             self.active -= 1
+        self._dormant.pop(device.id, None)  # to the end: dormant since now
+        self._dormant[device.id] = None
         return (self._event(state, StateEvent.DISCONNECT, now),)
 
     def activity(self, device: DeviceIdentity, transport: Transport, now: int) -> tuple[StateChanged, ...]:
@@ -147,8 +158,15 @@ class DeviceStateTracker:
                 continue
             state.active = False
             self.active -= 1
+            if not state.connections:
+                self._dormant[device_id] = None
             events.append(self._event(state, StateEvent.INACTIVITY, now))
         return events
+
+    def take_forgotten(self) -> list[str]:
+        """The ids of the devices forgotten since the last call (the hub drops what it kept for them)."""
+        forgotten, self.forgotten = self.forgotten, []
+        return forgotten
 
     def state(self, device_id: str) -> dict[str, Any] | None:
         state = self.devices.get(device_id)
@@ -161,13 +179,25 @@ class DeviceStateTracker:
     def _state(self, device: DeviceIdentity, transport: Transport) -> DeviceState:
         state = self.devices.get(device.id)
         if state is None:
+            if len(self.devices) >= self._max_devices:
+                self._forget_dormant()
             state = self.devices[device.id] = DeviceState(device, transport)
         return state
+
+    def _forget_dormant(self) -> None:
+        """Make room for one more device, if a dormant one can go (active ones never do)."""
+        dormant = self._dormant
+        while dormant and len(self.devices) >= self._max_devices:
+            device_id = next(iter(dormant))
+            del dormant[device_id]
+            del self.devices[device_id]
+            self.forgotten.append(device_id)
 
     def _activate(self, state: DeviceState, now: int) -> None:
         if not state.active:
             state.active = True
             self.active += 1
+            self._dormant.pop(state.identity.id, None)
             self._schedule(state, now + self._timeout)
 
     def _schedule(self, state: DeviceState, at: int) -> None:

@@ -70,6 +70,7 @@ class Downlink:
         client_rpc_timeout_ms: int = 60_000,
         client_rpc_max_pending: int = 10_000,
         inactivity_timeout_ms: int = 600_000,
+        max_tracked_devices: int = 1_000_000,
         clock_ms: Callable[[], int] = _now_ms,
     ) -> None:
         self.sessions = SessionRegistry()
@@ -84,7 +85,7 @@ class Downlink:
             instance, timeout_ms=client_rpc_timeout_ms, max_pending=client_rpc_max_pending
         )
         self.shared = SharedAttributes(store, self.sessions)
-        self.state = DeviceStateTracker(inactivity_timeout_ms)
+        self.state = DeviceStateTracker(inactivity_timeout_ms, max_tracked_devices)
         self._states = self.state.devices  # read on every device message (``activity``)
         self._metrics = metrics
         self._submit = submit
@@ -126,6 +127,7 @@ class Downlink:
             client_rpc_timeout_ms=round(settings.client_side_rpc_timeout_seconds * 1000),
             client_rpc_max_pending=settings.client_side_rpc_max_pending,
             inactivity_timeout_ms=round(settings.device_inactivity_timeout_seconds * 1000),
+            max_tracked_devices=settings.device_state_max_devices,
         )
 
     # ------------------------------------------------------------------ transport side
@@ -140,6 +142,8 @@ class Downlink:
         self._identities[session.device.id] = session.device
         if session.connection:
             self._state(self.state.connected(session.device, session.transport, self._clock_ms()))
+            if self.state.forgotten:
+                self._forget(self.state.take_forgotten())
             for listener in self.connect_listeners:
                 listener(session.device)
 
@@ -175,6 +179,8 @@ class Downlink:
         if events:
             self._identities[device.id] = device
             self._state(events)
+            if self.state.forgotten:
+                self._forget(self.state.take_forgotten())
 
     def rpc_delivered(self, device_id: str, rpc_id: int) -> None:
         """The device acknowledged an RPC request that ``push_rpc`` answered ``SENT``."""
@@ -347,6 +353,14 @@ class Downlink:
     def _identity(self, device_id: str) -> DeviceIdentity:
         identity = self._identities.get(device_id)
         return identity if identity is not None else DeviceIdentity(device_id, device_id)
+
+    def _forget(self, device_ids: list[str]) -> None:
+        """The tracker forgot these dormant devices (too many tracked): drop what else is kept for them,
+        unless an RPC for the device is still pending or it holds a session."""
+        self._metrics.device_states_forgotten.inc(len(device_ids))
+        for device_id in device_ids:
+            if not self.sessions.holds(device_id) and self.rpc.forget(device_id):
+                self._identities.pop(device_id, None)
 
     def _report(self, outcomes: Sequence[RpcOutcome]) -> None:
         for outcome in outcomes:

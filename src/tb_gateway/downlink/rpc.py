@@ -192,6 +192,15 @@ class RpcManager:
         self.pending -= len(taken)
         return taken
 
+    def forget(self, device_id: str) -> bool:
+        """Drop what is kept for a device with nothing pending (its next request is id 1 again); False when
+        something is pending: then nothing is dropped."""
+        device = self._devices.get(device_id)
+        if device is not None and device.pending:
+            return False
+        self._devices.pop(device_id, None)
+        return True
+
     def waiting_devices(self) -> list[str]:
         """Devices with requests that no session holds."""
         return [
