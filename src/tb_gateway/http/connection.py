@@ -101,6 +101,7 @@ class HttpConnection(asyncio.Protocol):
         self.lingering = False
         self.lost = False
         self.fast = Request(None, None, Persist.KEEP)  # the fast lane's request, reused (see _fast)
+        self.fast.complete = True  # whole when it is queued, always
         self.fast_settled = functools.partial(self._resume, self.fast, self.handlers.delivered)
 
     # ---- asyncio.Protocol ----
