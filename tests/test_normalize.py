@@ -237,3 +237,24 @@ def test_the_c_fast_path_answers_the_common_payloads_itself(payload: bytes) -> N
     assert normalize._speedups is not None
     document = orjson.loads(payload)
     assert normalize._speedups.telemetry(document, NOW, True, 0) == telemetry(payload, NOW, CAST)
+
+
+@settings(max_examples=2000)
+@given(st.lists(st.sampled_from([b".", b"0", b"9", b"5" * 8, b"1" * 17, b"x", b'"', b"-", b"e"]), max_size=40))
+def test_the_c_long_fraction_search_finds_what_the_pattern_finds(parts: list[bytes]) -> None:
+    payload = b"".join(parts)
+    assert normalize._speedups is not None
+    assert normalize._speedups.long_fraction(payload) is (normalize._LONG_FRACTION.search(payload) is not None)
+
+
+def test_values_are_reused_only_when_nothing_is_dropped() -> None:
+    """The fast path answers with the parsed dict itself when every value passes as it is (no copy)."""
+    assert normalize._speedups is not None
+    document = orjson.loads(b'{"a":1,"b":"x","c":2.5}')
+    [(_, values)] = normalize._speedups.telemetry(document, NOW, True, 0)
+    assert values is document
+    with_null = orjson.loads(b'{"a":1,"b":null,"c":2.5,"d":null,"e":true}')
+    [(_, values)] = normalize._speedups.telemetry(with_null, NOW, True, 0)
+    assert values == {"a": 1, "c": 2.5, "e": True} and values is not with_null
+    assert with_null == {"a": 1, "b": None, "c": 2.5, "d": None, "e": True}  # the document is left alone
+    assert normalize._speedups.telemetry(orjson.loads(b'{"a":null}'), NOW, True, 0) == []
