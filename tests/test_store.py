@@ -216,6 +216,14 @@ def test_stored_bytes_are_exactly_the_documented_json(
     assert sink._encode(record) == orjson.dumps(record.to_dict())  # again, from the cached template
 
 
+@pytest.mark.parametrize("ts", [-1, 0, 2**63 - 1, -(2**63), 2**63, 2**64 - 1])  # as far as JSON goes (orjson)
+def test_every_integer_timestamp_is_encoded_exactly(ts: int) -> None:
+    """Within 64 signed bits the C fast path joins the line, beyond them the Python format does."""
+    sink = StoreSink(Path("unused"))
+    record = Record(DEV, RecordKind.TELEMETRY, ts, {"a": 1}, Transport.HTTP, ts)
+    assert sink._encode(record) == orjson.dumps(record.to_dict())
+
+
 def test_an_odd_timestamp_type_is_encoded_faithfully_not_truncated() -> None:
     sink = StoreSink(Path("unused"))
     odd = Record(DEV, RecordKind.TELEMETRY, 1.5, {}, Transport.HTTP, 2)  # type: ignore[arg-type]
