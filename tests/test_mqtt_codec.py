@@ -425,3 +425,60 @@ def test_fuzz_mutated_valid_packets(data: st.DataObject) -> None:
     whole = feed_or_refuse(bytes(wire), version, [], limit=1 << 20)
     by_byte = feed_or_refuse(bytes(wire), version, list(range(1, len(wire))), limit=1 << 20)
     assert whole == by_byte  # any chunking gives the same packets, before an error as well
+
+
+# --- the C fast path for runs of PUBLISH (_speedups.mqtt_publishes) against the inline Python decoding ------
+
+from tb_gateway.mqtt import codec  # noqa: E402
+
+TOPICS = [b"v1/devices/me/telemetry", b"v1/devices/me/attributes", b"a/b", b"", b"v2/t"]
+
+
+@st.composite
+def publish_streams(draw: st.DrawFn) -> tuple[int, bytes]:
+    """Mostly the common QoS 1 PUBLISH, with near misses: QoS 0 / 2, packet id 0, properties, long lengths."""
+    version = draw(st.sampled_from([4, 5]))
+    wire = bytearray()
+    for _ in range(draw(st.integers(1, 12))):
+        topic = draw(st.sampled_from(TOPICS))
+        first = draw(st.sampled_from([0x32] * 6 + [0x30, 0x34, 0x3A, 0x33, 0xC0]))
+        if first == 0xC0:  # PINGREQ between PUBLISHes
+            wire += b"\xc0\x00"
+            continue
+        pid = draw(st.sampled_from([7, 7, 7, 0, 65535]))
+        body = len(topic).to_bytes(2, "big") + topic + (pid.to_bytes(2, "big") if first & 0x06 else b"")
+        if version == 5:
+            body += draw(st.sampled_from([b"\x00", b"\x00", b"\x02\x01\x01", b"\x05"]))
+        body += draw(st.binary(max_size=draw(st.sampled_from([20, 130]))))
+        wire += bytes([first]) + varint(len(body)) + body
+    for _ in range(draw(st.integers(0, 2))):  # a few mutations
+        at = draw(st.integers(0, max(0, len(wire) - 1)))
+        if wire:
+            wire[at] ^= draw(st.integers(1, 255))
+    return version, bytes(wire)
+
+
+@given(publish_streams(), st.lists(st.integers(0, 2000), max_size=4), st.sampled_from([1 << 20, 60]))
+@settings(max_examples=2000, deadline=None)
+def test_the_c_publish_run_decodes_as_the_python_code(stream: tuple[int, bytes], cuts: list[int], limit: int) -> None:
+    version, wire = stream
+    cuts = sorted(c for c in cuts if c <= len(wire))
+    assert codec._publishes is not None, "the C fast path is built by make test"
+    fast = _decode_all(wire, version, cuts, limit)
+    saved, codec._publishes = codec._publishes, None
+    try:
+        reference = _decode_all(wire, version, cuts, limit)
+    finally:
+        codec._publishes = saved
+    assert repr(fast) == repr(reference)  # the same packets, and the same error after them if any
+
+
+def _decode_all(wire: bytes, version: int, cuts: list[int], limit: int) -> tuple[list[Packet], str | None]:
+    decoder = Decoder(limit, version)
+    got: list[Packet] = []
+    try:
+        for start, end in zip([0, *cuts], [*cuts, len(wire)], strict=True):
+            got += decoder.feed(wire[start:end])
+    except DecodeError as exc:
+        return got + exc.packets, f"{type(exc).__name__} {exc.reason_code:#x} {exc}"
+    return got, None
