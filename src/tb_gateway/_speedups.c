@@ -1,12 +1,13 @@
 /* Optional C fast paths for the per-record hot spots: normalize.py (typing a payload's values),
  * sinks/segments.py (framing store entries and writing them durably, with the GIL released once a batch),
- * coap/codec.py (parsing a datagram), coap/server.py (a batch of datagrams per system call) and
- * http/connection.py (reading one whole simple POST without httptools' callbacks).
+ * sinks/store.py (joining a record's JSON line), mqtt/codec.py (a run of the common PUBLISH), coap/codec.py
+ * (parsing a datagram), coap/server.py (a batch of datagrams per system call) and http/connection.py
+ * (reading one whole simple POST without httptools' callbacks).
  *
- * The Python code stays the reference. The normalization functions handle only what is unambiguous and
- * answer None for anything else, so the Python rules run and produce every error message; framing is
- * byte for byte what segments.frame() writes. tests/test_normalize.py and tests/test_segments.py compare
- * both on generated input. Built by setup.py when a C compiler is present; without one, Python runs alone.
+ * The Python code (or httptools) stays the reference. The fast paths handle only what is unambiguous and
+ * answer None, or stop, for anything else, so the Python code runs and produces every error message;
+ * framing is byte for byte what segments.frame() writes. tests/test_normalize.py, test_segments.py,
+ * test_store.py, test_mqtt_codec.py and test_http_fast.py compare both on generated input. Built by setup.py when a C compiler is present; without one, Python runs alone.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
