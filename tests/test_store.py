@@ -212,8 +212,11 @@ def test_stored_bytes_are_exactly_the_documented_json(
 ) -> None:
     sink = StoreSink(Path("unused"))
     record = Record(DeviceIdentity(*names), kind, ts, values, transport, received_at)
-    assert sink._encode(record) == orjson.dumps(record.to_dict())
-    assert sink._encode(record) == orjson.dumps(record.to_dict())  # again, from the cached template
+    expected = orjson.dumps(record.to_dict())
+    assert sink._encode(record) == expected
+    assert sink._encode(record) == expected  # again, from the cached template
+    other = Record(DeviceIdentity(*names), kind, ts, values, transport, received_at)  # equal, another object
+    assert StoreSink(Path("unused")).encode([record, record, other, record]) == [expected] * 4  # the C batch
 
 
 @pytest.mark.parametrize("ts", [-1, 0, 2**63 - 1, -(2**63), 2**63, 2**64 - 1])  # as far as JSON goes (orjson)
@@ -222,6 +225,28 @@ def test_every_integer_timestamp_is_encoded_exactly(ts: int) -> None:
     sink = StoreSink(Path("unused"))
     record = Record(DEV, RecordKind.TELEMETRY, ts, {"a": 1}, Transport.HTTP, ts)
     assert sink._encode(record) == orjson.dumps(record.to_dict())
+    assert sink.encode([record, record]) == [orjson.dumps(record.to_dict())] * 2
+
+
+def test_batch_encoding_takes_the_template_of_the_same_identity_only() -> None:
+    """The C batch encoder keys templates by the identity object, as _encode does: a device renamed under
+    the same id (a new DeviceIdentity) gets its own line, never the old name's."""
+    sink = StoreSink(Path("unused"))
+    before = Record(DeviceIdentity("id-1", "old-name"), RecordKind.TELEMETRY, 1, {"a": 1}, Transport.MQTT, 2)
+    after = Record(DeviceIdentity("id-1", "new-name"), RecordKind.TELEMETRY, 1, {"a": 1}, Transport.MQTT, 2)
+    attrs = Record(before.device, RecordKind.ATTRIBUTES, 1, {"a": 1}, Transport.MQTT, 2)
+    batch = [before, before, after, after, attrs, before, attrs]
+    assert sink.encode(batch) == [orjson.dumps(r.to_dict()) for r in batch]
+    assert sink.encode(batch) == [orjson.dumps(r.to_dict()) for r in batch]  # all cached now
+
+
+def test_batch_encoding_raises_what_the_record_encoder_raises() -> None:
+    sink = StoreSink(Path("unused"))
+    good = Record(DEV, RecordKind.TELEMETRY, 1, {"a": 1}, Transport.MQTT, 2)
+    bad = Record(DEV, RecordKind.TELEMETRY, 1, {"a": object()}, Transport.MQTT, 2)
+    sink.encode([good])  # the template is cached: the C path meets the bad record
+    with pytest.raises(orjson.JSONEncodeError):
+        sink.encode([good, bad, good])
 
 
 def test_an_odd_timestamp_type_is_encoded_faithfully_not_truncated() -> None:

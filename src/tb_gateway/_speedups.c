@@ -1,16 +1,17 @@
 /* Optional C fast paths for the per-record hot spots: normalize.py (typing a payload's values),
  * sinks/segments.py (framing store entries and writing them durably, with the GIL released once a batch),
- * sinks/store.py (joining a record's JSON line), mqtt/codec.py (a run of the common PUBLISH), coap/codec.py
+ * sinks/store.py (a batch's JSON lines), construct.py (building a slots dataclass), mqtt/codec.py (a run of the common PUBLISH), coap/codec.py
  * (parsing a datagram), coap/server.py (a batch of datagrams per system call) and http/connection.py
  * (reading one whole simple POST without httptools' callbacks).
  *
  * The Python code (or httptools) stays the reference. The fast paths handle only what is unambiguous and
  * answer None, or stop, for anything else, so the Python code runs and produces every error message;
  * framing is byte for byte what segments.frame() writes. tests/test_normalize.py, test_segments.py,
- * test_store.py, test_mqtt_codec.py and test_http_fast.py compare both on generated input. Built by setup.py when a C compiler is present; without one, Python runs alone.
+ * test_store.py, test_mqtt_codec.py, test_construct.py and test_http_fast.py compare both on generated input. Built by setup.py when a C compiler is present; without one, Python runs alone.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h> /* T_OBJECT_EX, READONLY: maker() checks the slots it fills */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <math.h>
@@ -258,7 +259,7 @@ add_item(PyObject *groups, PyObject *item, PyObject *now, int type_cast, Py_ssiz
     return rc;
 }
 
-static PyObject *ts_name, *values_name;
+static PyObject *ts_name, *values_name, *device_name, *kind_name, *transport_name, *received_at_name;
 
 /* telemetry(document, now_ms: int, type_cast: bool, max_string_length: int) -> [(ts, values)] | None */
 static PyObject *
@@ -839,6 +840,59 @@ error:
 /* entry(head, ts, values, tail, received_at) -> bytes | None: the embedded store's JSON line,
  * head + str(ts) + ',"values":' + values + tail + str(received_at) + '}' (sinks/store.py's _encode, whose
  * bytes %-format cost twice this); None for an integer beyond 64 bits. */
+/* str(value) into text (24 bytes at least); its length. snprintf("%lld") was a sixth of a batch's lines. */
+static int
+format_long(char *text, long long value)
+{
+    char digits[24];
+    int n = 0;
+    unsigned long long rest = value < 0 ? 0ull - (unsigned long long)value : (unsigned long long)value;
+    do {
+        digits[n++] = (char)('0' + rest % 10);
+        rest /= 10;
+    } while (rest);
+    int len = 0;
+    if (value < 0) {
+        text[len++] = '-';
+    }
+    while (n) {
+        text[len++] = digits[--n];
+    }
+    return len;
+}
+
+/* head + str(ts) + ',"values":' + values + tail + str(received_at) + '}' as a new bytes */
+static PyObject *
+join_entry(PyObject *head, long long ts, PyObject *values, PyObject *tail, long long at)
+{
+    char ts_text[24], at_text[24];
+    int ts_len = format_long(ts_text, ts);
+    int at_len = format_long(at_text, at);
+    static const char middle[] = ",\"values\":";
+    Py_ssize_t middle_len = (Py_ssize_t)sizeof middle - 1;
+    Py_ssize_t head_len = PyBytes_GET_SIZE(head), values_len = PyBytes_GET_SIZE(values);
+    Py_ssize_t tail_len = PyBytes_GET_SIZE(tail);
+    PyObject *out = PyBytes_FromStringAndSize(NULL, head_len + ts_len + middle_len + values_len + tail_len + at_len + 1);
+    if (out == NULL) {
+        return NULL;
+    }
+    char *w = PyBytes_AS_STRING(out);
+    memcpy(w, PyBytes_AS_STRING(head), (size_t)head_len);
+    w += head_len;
+    memcpy(w, ts_text, (size_t)ts_len);
+    w += ts_len;
+    memcpy(w, middle, (size_t)middle_len);
+    w += middle_len;
+    memcpy(w, PyBytes_AS_STRING(values), (size_t)values_len);
+    w += values_len;
+    memcpy(w, PyBytes_AS_STRING(tail), (size_t)tail_len);
+    w += tail_len;
+    memcpy(w, at_text, (size_t)at_len);
+    w += at_len;
+    *w = '}';
+    return out;
+}
+
 static PyObject *
 speedups_entry(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -853,32 +907,80 @@ speedups_entry(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (overflow_ts || overflow_at) {
         Py_RETURN_NONE;
     }
-    char ts_text[24], at_text[24];
-    int ts_len = snprintf(ts_text, sizeof ts_text, "%lld", ts);
-    int at_len = snprintf(at_text, sizeof at_text, "%lld", at);
-    static const char middle[] = ",\"values\":";
-    Py_ssize_t middle_len = (Py_ssize_t)sizeof middle - 1;
-    Py_ssize_t head_len = PyBytes_GET_SIZE(args[0]), values_len = PyBytes_GET_SIZE(args[2]);
-    Py_ssize_t tail_len = PyBytes_GET_SIZE(args[3]);
-    PyObject *out = PyBytes_FromStringAndSize(NULL, head_len + ts_len + middle_len + values_len + tail_len + at_len + 1);
-    if (out == NULL) {
+    return join_entry(args[0], ts, args[2], args[3], at);
+}
+
+/* One record's line from its cached template, or NULL with no exception set: ask the Python encoder. */
+static PyObject *
+store_line(PyObject *record, PyObject *templates, PyObject *dumps)
+{
+    PyObject *device = NULL, *kind = NULL, *transport = NULL, *ts = NULL, *at = NULL, *values = NULL;
+    PyObject *key = NULL, *id = NULL, *encoded = NULL, *line = NULL;
+    if ((device = PyObject_GetAttr(record, device_name)) == NULL || (kind = PyObject_GetAttr(record, kind_name)) == NULL ||
+        (transport = PyObject_GetAttr(record, transport_name)) == NULL || (ts = PyObject_GetAttr(record, ts_name)) == NULL ||
+        (at = PyObject_GetAttr(record, received_at_name)) == NULL || (values = PyObject_GetAttr(record, values_name)) == NULL ||
+        (id = PyLong_FromVoidPtr(device)) == NULL || (key = PyTuple_Pack(3, id, kind, transport)) == NULL) {
+        goto done;
+    }
+    PyObject *parts = PyDict_GetItemWithError(templates, key); /* borrowed: (device, head, tail) */
+    if (parts == NULL || !PyTuple_CheckExact(parts) || PyTuple_GET_SIZE(parts) != 3 || PyTuple_GET_ITEM(parts, 0) != device ||
+        !PyBytes_CheckExact(PyTuple_GET_ITEM(parts, 1)) || !PyBytes_CheckExact(PyTuple_GET_ITEM(parts, 2)) ||
+        !PyLong_CheckExact(ts) || !PyLong_CheckExact(at)) {
+        goto done;
+    }
+    int overflow_ts = 0, overflow_at = 0;
+    long long ts_value = PyLong_AsLongLongAndOverflow(ts, &overflow_ts);
+    long long at_value = PyLong_AsLongLongAndOverflow(at, &overflow_at);
+    if (overflow_ts || overflow_at || (encoded = PyObject_CallOneArg(dumps, values)) == NULL || !PyBytes_CheckExact(encoded)) {
+        goto done;
+    }
+    line = join_entry(PyTuple_GET_ITEM(parts, 1), ts_value, encoded, PyTuple_GET_ITEM(parts, 2), at_value);
+done:
+    Py_XDECREF(device);
+    Py_XDECREF(kind);
+    Py_XDECREF(transport);
+    Py_XDECREF(ts);
+    Py_XDECREF(at);
+    Py_XDECREF(values);
+    Py_XDECREF(id);
+    Py_XDECREF(key);
+    Py_XDECREF(encoded);
+    return line;
+}
+
+/* store_lines(records, templates, dumps, encode) -> [bytes]: sinks/store.py's _encode for a whole batch. A
+ * record whose template (``templates[(id(device), kind, transport)] == (device, head, tail)``) is cached and
+ * whose ``ts`` and ``received_at`` fit 64 bits is joined here around ``dumps(values)``; any other, and any
+ * record whose encoding raised, goes to ``encode(record)``, which also fills the cache. */
+static PyObject *
+speedups_store_lines(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4 || !PyList_CheckExact(args[0]) || !PyDict_CheckExact(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "store_lines(records: list, templates: dict, dumps, encode)");
         return NULL;
     }
-    char *w = PyBytes_AS_STRING(out);
-    memcpy(w, PyBytes_AS_STRING(args[0]), (size_t)head_len);
-    w += head_len;
-    memcpy(w, ts_text, (size_t)ts_len);
-    w += ts_len;
-    memcpy(w, middle, (size_t)middle_len);
-    w += middle_len;
-    memcpy(w, PyBytes_AS_STRING(args[2]), (size_t)values_len);
-    w += values_len;
-    memcpy(w, PyBytes_AS_STRING(args[3]), (size_t)tail_len);
-    w += tail_len;
-    memcpy(w, at_text, (size_t)at_len);
-    w += at_len;
-    *w = '}';
-    return out;
+    PyObject *records = args[0];
+    Py_ssize_t n = PyList_GET_SIZE(records);
+    PyObject *lines = PyList_New(n);
+    if (lines == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *record = PyList_GET_ITEM(records, i);
+        Py_INCREF(record); /* the list may change under encode() */
+        PyObject *line = store_line(record, args[1], args[2]);
+        if (line == NULL) {
+            PyErr_Clear(); /* the Python encoder raises it again, or knows better */
+            line = PyObject_CallOneArg(args[3], record);
+        }
+        Py_DECREF(record);
+        if (line == NULL) {
+            Py_DECREF(lines);
+            return NULL;
+        }
+        PyList_SET_ITEM(lines, i, line);
+    }
+    return lines;
 }
 
 /* long_fraction(payload: bytes) -> bool: a '.' followed by more than 16 digits somewhere (normalize.py's
@@ -1034,6 +1136,118 @@ speedups_http_post(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     return Py_BuildValue("(y#y#)", data + target_start, target_end - target_start, data + at, size - at);
 }
 
+/* maker(cls, fields, defaults) -> a callable that builds a ``cls`` from positional arguments by filling its
+ * slots directly (construct.py): a slots dataclass's generated __init__ is a Python frame and an attribute
+ * store per field, 650 ns for a Record here against about 60. Only for plain slots classes: every field a
+ * writable object slot of ``cls`` itself, no __dict__; construct.py checks there is no __post_init__ or
+ * other logic in __init__ to skip. ``defaults`` fill the trailing fields left out, as in the dataclass. */
+typedef struct {
+    PyObject_HEAD
+    PyTypeObject *cls;
+    PyObject *defaults; /* tuple: the values of the last len(defaults) fields when left out */
+    Py_ssize_t nfields;
+    Py_ssize_t nrequired;
+    Py_ssize_t *offsets;
+    vectorcallfunc vectorcall;
+} MakerObject;
+
+static PyObject *
+maker_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    MakerObject *m = (MakerObject *)callable;
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (kwnames != NULL && PyTuple_GET_SIZE(kwnames) != 0) {
+        PyErr_Format(PyExc_TypeError, "%s maker takes positional arguments only", m->cls->tp_name);
+        return NULL;
+    }
+    if (nargs < m->nrequired || nargs > m->nfields) {
+        PyErr_Format(PyExc_TypeError, "%s maker takes %zd to %zd arguments (%zd given)", m->cls->tp_name,
+                     m->nrequired, m->nfields, nargs);
+        return NULL;
+    }
+    PyObject *obj = m->cls->tp_alloc(m->cls, 0);
+    if (obj == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < m->nfields; i++) {
+        PyObject *value = i < nargs ? args[i] : PyTuple_GET_ITEM(m->defaults, i - m->nrequired);
+        Py_INCREF(value);
+        *(PyObject **)((char *)obj + m->offsets[i]) = value;
+    }
+    return obj;
+}
+
+static void
+maker_dealloc(MakerObject *m)
+{
+    Py_XDECREF(m->cls);
+    Py_XDECREF(m->defaults);
+    PyMem_Free(m->offsets);
+    Py_TYPE(m)->tp_free((PyObject *)m);
+}
+
+static PyTypeObject MakerType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "tb_gateway._speedups.Maker",
+    .tp_basicsize = sizeof(MakerObject),
+    .tp_dealloc = (destructor)maker_dealloc,
+    .tp_vectorcall_offset = offsetof(MakerObject, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "Builds an instance of a plain slots class from positional arguments (maker())",
+};
+
+static PyObject *
+speedups_maker(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || !PyType_Check(args[0]) || !PyTuple_Check(args[1]) || !PyTuple_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "maker(cls: type, fields: tuple[str, ...], defaults: tuple)");
+        return NULL;
+    }
+    PyTypeObject *cls = (PyTypeObject *)args[0];
+    Py_ssize_t nfields = PyTuple_GET_SIZE(args[1]), ndefaults = PyTuple_GET_SIZE(args[2]);
+    if (cls->tp_dictoffset != 0 || cls->tp_itemsize != 0 || ndefaults > nfields || cls->tp_alloc == NULL) {
+        PyErr_Format(PyExc_TypeError, "%s: not a plain slots class", cls->tp_name);
+        return NULL;
+    }
+    Py_ssize_t *offsets = PyMem_Calloc((size_t)nfields + 1, sizeof(Py_ssize_t));
+    if (offsets == NULL) {
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t i = 0; i < nfields; i++) {
+        PyObject *name = PyTuple_GET_ITEM(args[1], i);
+        PyObject *descr = PyUnicode_Check(name) ? PyDict_GetItemWithError(cls->tp_dict, name) : NULL;
+        PyMemberDef *member = NULL;
+        if (descr != NULL && Py_IS_TYPE(descr, &PyMemberDescr_Type)) {
+            member = ((PyMemberDescrObject *)descr)->d_member;
+        }
+        if (member == NULL || member->type != T_OBJECT_EX || (member->flags & READONLY) || member->offset <= 0 ||
+            member->offset + (Py_ssize_t)sizeof(PyObject *) > cls->tp_basicsize) {
+            PyMem_Free(offsets);
+            if (!PyErr_Occurred()) {
+                PyErr_Format(PyExc_TypeError, "%s: field %R is not a writable object slot of the class itself",
+                             cls->tp_name, name);
+            }
+            return NULL;
+        }
+        offsets[i] = member->offset;
+    }
+    MakerObject *m = PyObject_New(MakerObject, &MakerType);
+    if (m == NULL) {
+        PyMem_Free(offsets);
+        return NULL;
+    }
+    Py_INCREF(cls);
+    Py_INCREF(args[2]);
+    m->cls = cls;
+    m->defaults = args[2];
+    m->nfields = nfields;
+    m->nrequired = nfields - ndefaults;
+    m->offsets = offsets;
+    m->vectorcall = maker_vectorcall;
+    return (PyObject *)m;
+}
+
 static PyMethodDef methods[] = {
     {"frame", (PyCFunction)(void (*)(void))speedups_frame, METH_FASTCALL,
      "frame(payloads, index, offset, seq, crc, room) -> (bytes, index, offset, seq, crc): segments.frame() "
@@ -1057,8 +1271,12 @@ static PyMethodDef methods[] = {
      "mqtt_publishes(buf, pos, topics, v5, limit, publish) -> (packets, pos): a run of common QoS 1 PUBLISHes"},
     {"entry", (PyCFunction)(void (*)(void))speedups_entry, METH_FASTCALL,
      "entry(head, ts, values, tail, received_at) -> bytes | None: one embedded-store JSON line"},
+    {"store_lines", (PyCFunction)(void (*)(void))speedups_store_lines, METH_FASTCALL,
+     "store_lines(records, templates, dumps, encode) -> [bytes]: the embedded store's lines for a batch"},
     {"long_fraction", (PyCFunction)(void (*)(void))speedups_long_fraction, METH_FASTCALL,
      "long_fraction(payload) -> bool: a '.' followed by more than 16 digits"},
+    {"maker", (PyCFunction)(void (*)(void))speedups_maker, METH_FASTCALL,
+     "maker(cls, fields, defaults) -> callable building a cls by filling its slots directly"},
     {"http_post", (PyCFunction)(void (*)(void))speedups_http_post, METH_FASTCALL,
      "http_post(data, max_head) -> (target, body) | None: one whole simple POST, else ask httptools"},
     {NULL, NULL, 0, NULL},
@@ -1073,11 +1291,19 @@ PyInit__speedups(void)
 {
     crc_init();
     http_tables_init();
+    if (PyType_Ready(&MakerType) < 0) {
+        return NULL;
+    }
     ts_name = PyUnicode_InternFromString("ts");
     values_name = PyUnicode_InternFromString("values");
+    device_name = PyUnicode_InternFromString("device");
+    kind_name = PyUnicode_InternFromString("kind");
+    transport_name = PyUnicode_InternFromString("transport");
+    received_at_name = PyUnicode_InternFromString("received_at");
     tuple_by_raw = PyDict_New();
     raw_by_tuple = PyDict_New();
-    if (ts_name == NULL || values_name == NULL || tuple_by_raw == NULL || raw_by_tuple == NULL) {
+    if (ts_name == NULL || values_name == NULL || device_name == NULL || kind_name == NULL || transport_name == NULL ||
+        received_at_name == NULL || tuple_by_raw == NULL || raw_by_tuple == NULL) {
         return NULL;
     }
     return PyModule_Create(&module_def);

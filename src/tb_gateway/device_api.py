@@ -30,6 +30,7 @@ import orjson
 from tb_gateway.attributes import CLIENT, AttributeStore
 from tb_gateway.auth import AuthService, Credentials
 from tb_gateway.config import Settings
+from tb_gateway.construct import constructor
 from tb_gateway.errors import PayloadError
 from tb_gateway.logs import Throttle
 from tb_gateway.metrics import Metrics
@@ -38,6 +39,8 @@ from tb_gateway.pipeline import Pipeline, when_settled
 from tb_gateway.ratelimit import configured, format_limit
 from tb_gateway.records import DeviceIdentity, Record, RecordKind, Transport
 from tb_gateway.sinks.base import Outcome
+
+_record = constructor(Record)  # Record(...) at a tenth of the cost (construct.py)
 
 if TYPE_CHECKING:
     from tb_gateway.downlink.hub import Downlink
@@ -141,9 +144,9 @@ class DeviceApi:
             raise
         if len(groups) == 1:  # nearly every message: no comprehension, whose frame costs a call
             ts, values = groups[0]
-            records = [Record(device, kind, ts, values, transport, now)] if values else []
+            records = [_record(device, kind, ts, values, transport, now)] if values else []
         else:
-            records = [Record(device, kind, ts, values, transport, now) for ts, values in groups if values]
+            records = [_record(device, kind, ts, values, transport, now) for ts, values in groups if values]
         if self.limiter is not None and self._over_limit(device, kind, records, transport):
             return Outcome.RATE_LIMITED
         admitted = self.pipeline.submit(records)

@@ -23,6 +23,7 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
+from tb_gateway.construct import constructor
 from tb_gateway.mqtt.packets import (
     MQTT_3_1,
     MQTT_5,
@@ -51,6 +52,8 @@ try:  # the C fast path for runs of the common PUBLISH (setup.py builds it where
     from tb_gateway._speedups import mqtt_publishes as _publishes
 except ImportError:  # pragma: no cover - the inline Python decoding does the same
     _publishes = None  # type: ignore[assignment]
+
+_new_publish = constructor(Publish)  # what the C run decoder calls per packet: Publish(...), cheaper
 
 
 class DecodeError(Exception):
@@ -306,7 +309,7 @@ class Decoder:
         while pos < n:
             first = buf[pos]
             if first == 0x32 and _publishes is not None:  # a run of the common packet, decoded in C
-                found, after = _publishes(buf, pos, topics, v5, limit, Publish)
+                found, after = _publishes(buf, pos, topics, v5, limit, _new_publish)
                 if after != pos:
                     packets.extend(found)
                     pos = after
@@ -326,7 +329,7 @@ class Decoder:
                         packet_id = (buf[p] << 8) | buf[p + 1]
                         p += 2
                         if topic is not None and packet_id and (not v5 or (p < end and buf[p] == 0)):
-                            append(Publish(topic, buf[p + v5 : end], 1, packet_id))
+                            append(_new_publish(topic, buf[p + v5 : end], 1, packet_id))
                             pos = end
                             continue
             else:

@@ -33,10 +33,12 @@ from tb_gateway.records import DeviceIdentity, Record, RecordKind, Transport
 from tb_gateway.sinks.base import Outcome
 from tb_gateway.sinks.segments import MAX_PAYLOAD, SEGMENT_BYTES, SegmentWriter, read_log
 
-try:  # the C fast path joins a line in one call (setup.py builds it where a compiler is present)
+try:  # the C fast path (setup.py builds it where a compiler is present): a batch's lines in one call
     from tb_gateway._speedups import entry as _entry
-except ImportError:  # pragma: no cover - the bytes %-format below does the same
+    from tb_gateway._speedups import store_lines as _store_lines
+except ImportError:  # pragma: no cover - _encode below does the same, record by record
     _entry = None  # type: ignore[assignment]
+    _store_lines = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +102,7 @@ class StoreSink:
 
     def deliver_then(self, batch: Sequence[Record], done: Callable[[Any], None]) -> None:
         """Write ``batch`` on the writer thread; ``done`` gets the outcomes on the loop (CallbackSink)."""
-        payloads = [self._encode(r) for r in batch]
+        payloads = self.encode(batch)
         oversized = max(map(len, payloads), default=0) > MAX_PAYLOAD  # never, with MAX_PAYLOAD_SIZE in force
         kept = [p for p in payloads if len(p) <= MAX_PAYLOAD] if oversized else payloads
 
@@ -140,6 +142,12 @@ class StoreSink:
         if self._last_error:
             detail["error"] = self._last_error
         return detail
+
+    def encode(self, batch: Sequence[Record]) -> list[bytes]:
+        """Every record's JSON line: in C from the cached templates (a third of the cost), else ``_encode``."""
+        if _store_lines is not None and type(batch) is list:
+            return _store_lines(batch, self._templates, orjson.dumps, self._encode)
+        return [self._encode(r) for r in batch]
 
     def _encode(self, record: Record) -> bytes:
         """``orjson.dumps(record.to_dict())``, byte for byte, at a third of the cost: per device, kind and
