@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tb_gateway.errors import PayloadError
+from tb_gateway.mqtt import session as session_module
 from tb_gateway.mqtt import topics
 from tb_gateway.mqtt.codec import Decoder, encode
 from tb_gateway.mqtt.packets import (
@@ -325,6 +326,12 @@ class FakeFuture:
     def resolve(self, value: object) -> None:
         self.value, self.is_done = value, True
 
+    @classmethod
+    def done_with(cls, value: object) -> FakeFuture:
+        future = cls()
+        future.resolve(value)
+        return future
+
 
 def test_ack_queue_keeps_arrival_order() -> None:
     queue = AckQueue()
@@ -338,6 +345,34 @@ def test_ack_queue_keeps_arrival_order() -> None:
     first.resolve("queue_full")
     assert queue.ready() == [(1, "queue_full", 0.1), (2, 0x90, 0.2), (3, "delivered", 0.3)]
     assert len(queue) == 0
+
+
+def _answers() -> st.SearchStrategy[object]:
+    done = st.sampled_from(["delivered", "queue_full"]).map(lambda value: FakeFuture.done_with(value))
+    return st.sampled_from([0, 0x90, -0x99, 0, 0]) | done | st.builds(FakeFuture)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([0, 1, 2, 65535]), _answers(), st.floats(0, 10)), max_size=12))
+def test_pop_delivered_in_c_is_the_python_reference(entries: list[tuple[int, object, float]]) -> None:
+    """The run of plain successes at the head: the same ids, the same last time, the same rest, both ways."""
+    assert session_module._acks_delivered is not None, "the C extension is built in this environment"
+    in_c, in_python = AckQueue(entries), AckQueue(entries)
+    c_answer = in_c.pop_delivered("delivered")
+    c_function, session_module._acks_delivered = session_module._acks_delivered, None
+    try:
+        python_answer = in_python.pop_delivered("delivered")
+    finally:
+        session_module._acks_delivered = c_function
+    assert c_answer == python_answer
+    assert list(in_c) == list(in_python)
+    expected = 0
+    for packet_id, answer, _ in entries:
+        success = answer == 0 if type(answer) is int else answer.is_done and answer.value == "delivered"  # type: ignore[attr-defined]
+        if not packet_id or not success:
+            break
+        expected += 1
+    assert len(c_answer[0]) == expected
 
 
 # --- ThingsBoard topic tables -------------------------------------------------------------------------

@@ -393,6 +393,12 @@ class Pending(Protocol):
     def result(self) -> Any: ...
 
 
+try:  # the C fast path for the PUBACKs due (setup.py builds it where a compiler is present)
+    from tb_gateway._speedups import acks_delivered as _acks_delivered
+except ImportError:  # pragma: no cover - AckQueue.pop_delivered does the same in Python
+    _acks_delivered = None  # type: ignore[assignment]
+
+
 class AckQueue(deque[tuple[int, Any, float]]):
     """PUBACKs leave in arrival order: an answer that is ready waits for every earlier one (DESIGN.md §4).
 
@@ -417,6 +423,25 @@ class AckQueue(deque[tuple[int, Any, float]]):
             entries.popleft()
             due.append(entry)
         return due
+
+    def pop_delivered(self, delivered: Any) -> tuple[list[int], float]:
+        """Pop the run of plain successes now due at the head: entries with a packet id whose answer is 0, or
+        done with the result ``delivered``. Their packet ids, and ``received_at`` of the last (-1.0 when
+        none); ``ready`` hands out whatever comes after. The hot path: in C when built (one call per run)."""
+        if _acks_delivered is not None:
+            return _acks_delivered(self, delivered)
+        ids: list[int] = []
+        received_at = -1.0
+        while self:
+            packet_id, answer, at = self[0]
+            if not packet_id or not (
+                answer == 0 if type(answer) is int else answer.done() and answer.result() is delivered
+            ):
+                break
+            self.popleft()
+            ids.append(packet_id)
+            received_at = at
+        return ids, received_at
 
     def head(self) -> Any:
         """The first answer still pending (after ``ready``), or None."""
