@@ -350,6 +350,8 @@ def c_or_python(data: bytes) -> tuple[str, object]:
     assert fields is not None, f"C refused a valid message: {data.hex()}"
     assert Message._make(fields) == reference
     assert type(Message._make(fields).options) is tuple
+    decoded = decode(data)  # what the codec builds from the C fields: a Message, equal field by field
+    assert type(decoded) is Message and decoded._asdict() == reference._asdict()
     return ("decoded", reference)
 
 

@@ -17,6 +17,7 @@ from tb_gateway.mqtt.codec import (
     ProtocolViolation,
     encode,
     puback,
+    pubacks,
     varint,
 )
 from tb_gateway.mqtt.packets import (
@@ -169,6 +170,11 @@ def test_hot_path_puback() -> None:
     assert puback(1, 0, 4) == H("40020001")
     assert puback(258, 0x97, 5) == H("4003010297")
     assert puback(258, 0x97, 4) == H("40020102")  # 3.x PUBACK carries no code
+
+
+@given(st.lists(st.integers(1, 65535), min_size=1, max_size=40))
+def test_a_run_of_pubacks_is_each_puback_in_turn(packet_ids: list[int]) -> None:
+    assert pubacks(packet_ids) == b"".join(puback(packet_id, 0, 5) for packet_id in packet_ids)
 
 
 # --- refusals: each with the documented error ------------------------------------------------------------

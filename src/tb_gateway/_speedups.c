@@ -260,6 +260,7 @@ add_item(PyObject *groups, PyObject *item, PyObject *now, int type_cast, Py_ssiz
 }
 
 static PyObject *ts_name, *values_name, *device_name, *kind_name, *transport_name, *received_at_name;
+static PyObject *popleft_name, *done_name, *result_name;
 
 /* telemetry(document, now_ms: int, type_cast: bool, max_string_length: int) -> [(ts, values)] | None */
 static PyObject *
@@ -1071,6 +1072,11 @@ speedups_acks_delivered(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     PyObject *last_at = NULL;
+    PyObject *popleft = PyObject_GetAttr(acks, popleft_name); /* bound once: a call per entry, no lookup */
+    if (popleft == NULL) {
+        Py_DECREF(ids);
+        return NULL;
+    }
     for (;;) {
         Py_ssize_t size = PySequence_Size(acks);
         if (size < 0) {
@@ -1092,11 +1098,11 @@ speedups_acks_delivered(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         if (take && PyLong_CheckExact(answer)) {
             take = PyLong_AsLong(answer) == 0 && !PyErr_Occurred();
         } else if (take) {
-            PyObject *done = PyObject_CallMethod(answer, "done", NULL);
+            PyObject *done = PyObject_CallMethodNoArgs(answer, done_name);
             take = done == Py_True;
             Py_XDECREF(done);
             if (take) {
-                PyObject *result = PyObject_CallMethod(answer, "result", NULL);
+                PyObject *result = PyObject_CallMethodNoArgs(answer, result_name);
                 take = result == delivered;
                 Py_XDECREF(result);
             }
@@ -1109,7 +1115,7 @@ speedups_acks_delivered(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             Py_DECREF(entry);
             break;
         }
-        PyObject *popped = PyObject_CallMethod(acks, "popleft", NULL);
+        PyObject *popped = PyObject_CallNoArgs(popleft);
         Py_XDECREF(popped);
         if (popped == NULL || PyList_Append(ids, id) < 0) {
             Py_DECREF(entry);
@@ -1119,14 +1125,17 @@ speedups_acks_delivered(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         last_at = Py_NewRef(PyTuple_GET_ITEM(entry, 2));
         Py_DECREF(entry);
     }
+    Py_DECREF(popleft);
     if (last_at == NULL) {
         last_at = PyFloat_FromDouble(-1.0);
         if (last_at == NULL) {
-            goto error;
+            Py_DECREF(ids);
+            return NULL;
         }
     }
     return Py_BuildValue("(NN)", ids, last_at);
 error:
+    Py_DECREF(popleft);
     Py_XDECREF(last_at);
     Py_DECREF(ids);
     return NULL;
@@ -1453,10 +1462,13 @@ PyInit__speedups(void)
     kind_name = PyUnicode_InternFromString("kind");
     transport_name = PyUnicode_InternFromString("transport");
     received_at_name = PyUnicode_InternFromString("received_at");
+    popleft_name = PyUnicode_InternFromString("popleft");
+    done_name = PyUnicode_InternFromString("done");
+    result_name = PyUnicode_InternFromString("result");
     tuple_by_raw = PyDict_New();
     raw_by_tuple = PyDict_New();
     if (ts_name == NULL || values_name == NULL || device_name == NULL || kind_name == NULL || transport_name == NULL ||
-        received_at_name == NULL || tuple_by_raw == NULL || raw_by_tuple == NULL) {
+        received_at_name == NULL || popleft_name == NULL || done_name == NULL || result_name == NULL || tuple_by_raw == NULL || raw_by_tuple == NULL) {
         return NULL;
     }
     return PyModule_Create(&module_def);

@@ -134,8 +134,11 @@ def decode(data: bytes) -> Message:
     if _speedups is not None and type(data) is bytes:
         fields = _speedups.coap_decode(data)
         if fields is not None:
-            return Message._make(fields)
+            return _message(Message, fields)  # Message._make without its Python frame and length check
     return decode_in_python(data)
+
+
+_message = tuple.__new__
 
 
 def decode_in_python(data: bytes) -> Message:

@@ -50,6 +50,7 @@ from tb_gateway.coap.codec import (
     encode_uint,
 )
 from tb_gateway.coap.expiring import ExpiringMap
+from tb_gateway.construct import constructor
 
 Address = Any  # whatever the transport uses as a peer address (a hashable tuple for UDP sockets)
 
@@ -202,6 +203,8 @@ class ResponseTimedOut:
     exchange: Exchange
 
 
+_request_received = constructor(RequestReceived)  # one per request: RequestReceived(...) without its frame
+
 Event = RequestReceived | ObservationCancelled | NotificationAcknowledged | NotificationTimedOut | ResponseTimedOut
 
 
@@ -301,7 +304,7 @@ class Endpoint:
         if con:
             exchange.deadline = now + cfg.piggyback_timeout_s
             self._piggyback.append(exchange)
-        events.append(RequestReceived(exchange))
+        events.append(_request_received(exchange))
         return events
 
     def _reassemble(self, exchange: Exchange, value: bytes, now: float) -> bool:
