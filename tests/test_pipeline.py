@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -11,6 +12,7 @@ import uvloop
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tb_gateway import pipeline as pipeline_module
 from tb_gateway.errors import RetriableSinkError
 from tb_gateway.metrics import Metrics
 from tb_gateway.pipeline import GROUP_COMMIT_ENOUGH, Pipeline, when_settled
@@ -431,3 +433,51 @@ def test_a_wake_up_due_within_a_millisecond_on_uvloop() -> None:
 
     uvloop.run(main())
     assert errors == []
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(1, 3), st.integers(0, 2), st.booleans()), min_size=1, max_size=12),
+    st.randoms(use_true_random=False),
+)
+def test_settling_a_delivered_batch_in_c_is_the_python_loop(
+    messages: list[tuple[int, int, bool]], shuffle: Any
+) -> None:
+    """Messages of 1-3 records, 0-2 waiters each, some cancelled by their transport; their records in a
+    shuffled batch: the C settle and the Python loop resolve the same tickets and call the same waiters in
+    the same order."""
+    assert pipeline_module._settle_delivered is not None, "the C extension is built in this environment"
+
+    seed = shuffle.random()
+
+    def settle(in_c: bool) -> list[tuple[int, bool, bool, object]]:
+        async def main() -> list[tuple[int, bool, bool, object]]:
+            pipeline = Pipeline(MemorySink(), Metrics(), batch_size=100, batch_timeout_s=0.01, max_queue=100)
+            calls: list[object] = []
+            tickets: list[Any] = []
+            for index, (count, waiters, cancelled) in enumerate(messages):
+                ticket = pipeline.submit([record(index % len(DEVICES), n) for n in range(count)])
+                assert isinstance(ticket, asyncio.Future)
+                for waiter in range(waiters):
+                    when_settled(ticket, lambda done, key=(index, waiter): calls.append(key))
+                if cancelled:
+                    ticket.cancel()
+                tickets.append(ticket)
+            records, owners = pipeline._take()
+            batch = list(zip(records, owners, strict=True))
+            random.Random(seed).shuffle(batch)  # the same order both ways
+            saved = pipeline_module._settle_delivered
+            pipeline_module._settle_delivered = saved if in_c else None
+            try:
+                pipeline._settle_batch([r for r, _ in batch], [t for _, t in batch], [Outcome.DELIVERED] * len(batch))
+            finally:
+                pipeline_module._settle_delivered = saved
+            calls_now = list(calls)
+            await asyncio.sleep(0)  # the cancelled ones' waiters were scheduled: let them run too
+            return [(t.pending, t.done(), t.cancelled(), None if t.cancelled() else t.result()) for t in tickets] + [
+                ("calls", calls_now, calls)
+            ]  # type: ignore[list-item]
+
+        return asyncio.run(main())
+
+    assert settle(in_c=True) == settle(in_c=False)

@@ -2,7 +2,8 @@
  * sinks/segments.py (framing store entries and writing them durably, with the GIL released once a batch),
  * sinks/store.py (a batch's JSON lines), construct.py (building a slots dataclass), mqtt/codec.py (a run of the common PUBLISH), coap/codec.py
  * (parsing a datagram), coap/server.py (a batch of datagrams per system call) and http/connection.py
- * (reading one whole simple POST without httptools' callbacks); mqtt/session.py (the PUBACKs due).
+ * (reading one whole simple POST without httptools' callbacks); mqtt/session.py (the PUBACKs due), metrics.py
+ * and pipeline.py (tallying and settling a delivered batch).
  *
  * The Python code (or httptools) stays the reference. The fast paths handle only what is unambiguous and
  * answer None, or stop, for anything else, so the Python code runs and produces every error message;
@@ -260,7 +261,7 @@ add_item(PyObject *groups, PyObject *item, PyObject *now, int type_cast, Py_ssiz
 }
 
 static PyObject *ts_name, *values_name, *device_name, *kind_name, *transport_name, *received_at_name;
-static PyObject *popleft_name, *done_name, *result_name;
+static PyObject *popleft_name, *done_name, *result_name, *pending_name, *outcome_name, *then_name, *set_result_name;
 
 /* telemetry(document, now_ms: int, type_cast: bool, max_string_length: int) -> [(ts, values)] | None */
 static PyObject *
@@ -1141,6 +1142,60 @@ error:
     return NULL;
 }
 
+/* settle_delivered(tickets) -> [ticket, ...]: pipeline.py's _settle_batch for a batch whose every record was
+ * delivered. Each ticket (one per record, a message's ticket once per record) counts one record settled;
+ * one that reaches 0 is resolved with its outcome unless already done. Returned, in batch order, are the
+ * tickets that have callbacks waiting (``then``), as often as they appear: the Python code runs those of
+ * the done ones, once. */
+static PyObject *
+speedups_settle_delivered(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 1 || !PyList_CheckExact(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "settle_delivered(tickets: list)");
+        return NULL;
+    }
+    PyObject *waiting = PyList_New(0);
+    if (waiting == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(args[0]); i++) {
+        PyObject *ticket = PyList_GET_ITEM(args[0], i);
+        Py_INCREF(ticket);
+        PyObject *pending = PyObject_GetAttr(ticket, pending_name);
+        long left = pending == NULL ? -1 : PyLong_AsLong(pending) - 1;
+        Py_XDECREF(pending);
+        PyObject *now = left < 0 || PyErr_Occurred() ? NULL : PyLong_FromLong(left);
+        int failed = now == NULL || PyObject_SetAttr(ticket, pending_name, now) < 0;
+        Py_XDECREF(now);
+        if (!failed && left == 0) {
+            PyObject *done = PyObject_CallMethodNoArgs(ticket, done_name);
+            failed = done == NULL;
+            if (done == Py_False) {
+                PyObject *outcome = PyObject_GetAttr(ticket, outcome_name);
+                PyObject *set = outcome == NULL ? NULL : PyObject_CallMethodOneArg(ticket, set_result_name, outcome);
+                failed = set == NULL;
+                Py_XDECREF(outcome);
+                Py_XDECREF(set);
+            }
+            Py_XDECREF(done);
+        }
+        if (!failed) { /* then is only changed by Python code, which does not run in this loop */
+            PyObject *then = PyObject_GetAttr(ticket, then_name);
+            failed = then == NULL || (then != Py_None && PyList_Append(waiting, ticket) < 0);
+            Py_XDECREF(then);
+        }
+        Py_DECREF(ticket);
+        if (failed) {
+            if (!PyErr_Occurred()) {
+                PyErr_SetString(PyExc_ValueError, "settle_delivered: a ticket with no record pending");
+            }
+            Py_DECREF(waiting);
+            return NULL;
+        }
+    }
+    return waiting;
+}
+
 /* long_fraction(payload: bytes) -> bool: a '.' followed by more than 16 digits somewhere (normalize.py's
  * _LONG_FRACTION, a regular expression search that costs 7x this on a 60-byte payload). */
 static PyObject *
@@ -1435,6 +1490,8 @@ static PyMethodDef methods[] = {
      "sent_by_transport(records, skip_kind) -> {transport: count}: a delivered batch's tally"},
     {"acks_delivered", (PyCFunction)(void (*)(void))speedups_acks_delivered, METH_FASTCALL,
      "acks_delivered(acks, delivered) -> (packet_ids, received_at): the run of delivered acks at the head"},
+    {"settle_delivered", (PyCFunction)(void (*)(void))speedups_settle_delivered, METH_FASTCALL,
+     "settle_delivered(tickets) -> [ticket, ...]: settle a wholly delivered batch; the tickets with callbacks"},
     {"long_fraction", (PyCFunction)(void (*)(void))speedups_long_fraction, METH_FASTCALL,
      "long_fraction(payload) -> bool: a '.' followed by more than 16 digits"},
     {"maker", (PyCFunction)(void (*)(void))speedups_maker, METH_FASTCALL,
@@ -1465,10 +1522,15 @@ PyInit__speedups(void)
     popleft_name = PyUnicode_InternFromString("popleft");
     done_name = PyUnicode_InternFromString("done");
     result_name = PyUnicode_InternFromString("result");
+    pending_name = PyUnicode_InternFromString("pending");
+    outcome_name = PyUnicode_InternFromString("outcome");
+    then_name = PyUnicode_InternFromString("then");
+    set_result_name = PyUnicode_InternFromString("set_result");
     tuple_by_raw = PyDict_New();
     raw_by_tuple = PyDict_New();
     if (ts_name == NULL || values_name == NULL || device_name == NULL || kind_name == NULL || transport_name == NULL ||
-        received_at_name == NULL || popleft_name == NULL || done_name == NULL || result_name == NULL || tuple_by_raw == NULL || raw_by_tuple == NULL) {
+        received_at_name == NULL || popleft_name == NULL || done_name == NULL || result_name == NULL ||
+        pending_name == NULL || outcome_name == NULL || then_name == NULL || set_result_name == NULL || tuple_by_raw == NULL || raw_by_tuple == NULL) {
         return NULL;
     }
     return PyModule_Create(&module_def);
