@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tb_gateway.http import connection
+from tb_gateway.sinks.base import Outcome
 from tests.http_support import Raw, request, run, serving, statuses
 
 _speedups: Any
@@ -401,6 +402,72 @@ def test_a_client_that_stopped_reading_is_not_served_by_the_fast_lane(
             assert [r.values for r in gw.sink.records] == [{"n": 0}, {"n": 1}]
             peer.data_received(request("POST", TELEMETRY, b'{"n": 2}'))  # reading again: the fast lane
             assert taken == [b"general", b"/api/v1/T1/telemetry"]
+            peer.connection_lost(None)
+
+    run(loop, main())
+
+
+async def _in_flight(gw: Any, taken: list[bytes]) -> tuple[connection.HttpConnection, StalledTransport]:
+    """A connection (on a transport the test watches) whose fast-lane POST waits in the gated sink."""
+    warm = await Raw.connect(gw.port)
+    await warm.send(request("POST", TELEMETRY, b'{"n": 0}'))
+    assert (await warm.response())[0] == 200
+    await warm.close()
+    taken.clear()
+    peer = connection.HttpConnection(gw.server)
+    transport = StalledTransport()
+    peer.connection_made(transport)  # type: ignore[arg-type]
+    gw.sink.gate.clear()
+    peer.data_received(request("POST", TELEMETRY, b'{"n": 1}'))
+    assert taken == [b"/api/v1/T1/telemetry"]
+    return peer, transport
+
+
+async def _answers(transport: StalledTransport, count: int) -> list[int]:
+    for _ in range(200):
+        if len(statuses(b"".join(transport.written))) >= count:
+            break
+        await asyncio.sleep(0.01)
+    return statuses(b"".join(transport.written))
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_what_happens_while_a_fast_lane_post_is_in_flight_is_answered_as_the_general_path_would(
+    loop: str, tmp_path: Path, taken: list[bytes]
+) -> None:
+    """The fast lane writes its 200 itself only when nothing happened meanwhile; a pipelined request, a
+    refusal from the sink and the client's EOF take the general path's answer."""
+
+    async def main() -> None:
+        async with serving(tmp_path / "pipelined", tokens={"T1": "dev1"}) as gw:
+            peer, transport = await _in_flight(gw, taken)
+            peer.data_received(request("POST", TELEMETRY, b'{"n": 2}'))  # read by httptools, queued behind
+            assert taken[-1] == b"general"
+            gw.sink.gate.set()
+            assert await _answers(transport, 2) == [200, 200]
+            assert [r.values for r in gw.sink.records] == [{"n": 0}, {"n": 1}, {"n": 2}]
+            assert not transport.closing
+            peer.data_received(request("POST", TELEMETRY, b'{"n": 3}'))  # idle again: the fast lane
+            assert taken[-1] == b"/api/v1/T1/telemetry"
+            assert await _answers(transport, 3) == [200, 200, 200]
+            peer.connection_lost(None)
+
+        async with serving(tmp_path / "refused", tokens={"T1": "dev1"}) as gw:
+            peer, transport = await _in_flight(gw, taken)
+            gw.sink.outcome_for["dev1"] = Outcome.SINK_FAILED
+            gw.sink.gate.set()
+            assert await _answers(transport, 1) == [500]
+            assert b'"sink_failed"' in b"".join(transport.written)
+            assert not transport.closing  # an answered refusal keeps the connection
+            peer.connection_lost(None)
+
+        async with serving(tmp_path / "eof", tokens={"T1": "dev1"}) as gw:
+            peer, transport = await _in_flight(gw, taken)
+            assert peer.eof_received() is True  # our half stays open for the answer
+            gw.sink.gate.set()
+            assert await _answers(transport, 1) == [200]
+            assert b"Connection: close" in b"".join(transport.written)
+            assert transport.closing  # then closed, as after any last answer
             peer.connection_lost(None)
 
     run(loop, main())
