@@ -372,6 +372,19 @@ class StalledTransport:
         self.reading = True
 
 
+async def _watched_connection(gw: Any, taken: list[bytes]) -> tuple[connection.HttpConnection, StalledTransport]:
+    """After a POST that fills the auth cache ({"n": 0}), a connection on a transport the test watches."""
+    warm = await Raw.connect(gw.port)
+    await warm.send(request("POST", TELEMETRY, b'{"n": 0}'))
+    assert (await warm.response())[0] == 200
+    await warm.close()
+    taken.clear()
+    peer = connection.HttpConnection(gw.server)
+    transport = StalledTransport()
+    peer.connection_made(transport)  # type: ignore[arg-type]
+    return peer, transport
+
+
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 def test_a_client_that_stopped_reading_is_not_served_by_the_fast_lane(
     loop: str, tmp_path: Path, taken: list[bytes]
@@ -380,14 +393,7 @@ def test_a_client_that_stopped_reading_is_not_served_by_the_fast_lane(
 
     async def main() -> None:
         async with serving(tmp_path, tokens={"T1": "dev1"}) as gw:
-            warm = await Raw.connect(gw.port)
-            await warm.send(request("POST", TELEMETRY, b'{"n": 0}'))
-            assert (await warm.response())[0] == 200
-            await warm.close()
-            taken.clear()
-            peer = connection.HttpConnection(gw.server)
-            transport = StalledTransport()
-            peer.connection_made(transport)  # type: ignore[arg-type]
+            peer, transport = await _watched_connection(gw, taken)
             peer.pause_writing()
             peer.data_received(request("POST", TELEMETRY, b'{"n": 1}'))
             await asyncio.sleep(0.1)
@@ -409,14 +415,7 @@ def test_a_client_that_stopped_reading_is_not_served_by_the_fast_lane(
 
 async def _in_flight(gw: Any, taken: list[bytes]) -> tuple[connection.HttpConnection, StalledTransport]:
     """A connection (on a transport the test watches) whose fast-lane POST waits in the gated sink."""
-    warm = await Raw.connect(gw.port)
-    await warm.send(request("POST", TELEMETRY, b'{"n": 0}'))
-    assert (await warm.response())[0] == 200
-    await warm.close()
-    taken.clear()
-    peer = connection.HttpConnection(gw.server)
-    transport = StalledTransport()
-    peer.connection_made(transport)  # type: ignore[arg-type]
+    peer, transport = await _watched_connection(gw, taken)
     gw.sink.gate.clear()
     peer.data_received(request("POST", TELEMETRY, b'{"n": 1}'))
     assert taken == [b"/api/v1/T1/telemetry"]
