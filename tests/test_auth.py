@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
+from tb_gateway.app import Gateway
 from tb_gateway.auth import AccessToken, AuthService
+from tb_gateway.config import Settings
 from tb_gateway.metrics import Metrics
 from tests.support import TokenSource
 
@@ -130,3 +133,20 @@ def test_invalidate_source_keeps_what_other_sources_vouched_for() -> None:
 
     asyncio.run(main())
     assert (registry.lookups, backend.lookups) == (5, 3)  # "tb" was still cached: no new query for it
+
+
+def test_the_cache_bound_is_a_setting(tmp_path: Path) -> None:
+    """AUTH_CACHE_MAX_ENTRIES reaches the gateway's auth cache (a flood of guesses cannot grow it past)."""
+    gateway = Gateway(Settings(data_dir=tmp_path, auth_cache_max_entries=7, kafka_enabled=False))
+    try:
+        assert gateway.auth._max_entries == 7
+
+        async def flood() -> None:
+            for n in range(100):
+                await gateway.auth.authenticate(AccessToken(f"guess{n}"), "http")
+
+        asyncio.run(flood())
+        assert 0 < len(gateway.auth._cache) <= 7
+    finally:
+        gateway.registry.close()
+        gateway.attributes.close()

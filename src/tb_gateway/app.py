@@ -174,6 +174,7 @@ class Gateway:
             self.metrics,
             ttl_s=settings.auth_cache_ttl_seconds,
             negative_ttl_s=settings.auth_negative_cache_ttl_seconds,
+            max_entries=settings.auth_cache_max_entries,
             shared=self.redis,
             blocklist=blocklist.configured(settings),
         )

@@ -163,6 +163,7 @@ class Settings(BaseSettings):
     # --- authentication ---
     auth_cache_ttl_seconds: PositiveSeconds = 3600.0
     auth_negative_cache_ttl_seconds: PositiveSeconds = 5.0
+    auth_cache_max_entries: Positive = 1_000_000  # credentials remembered at once (about 450 B each)
 
     # --- operations ---
     data_dir: Path = Path("./data")
