@@ -28,7 +28,7 @@ from tb_gateway.mqtt.packets import (
     SubAck,
     Subscribe,
 )
-from tb_gateway.mqtt.server import MqttConnection
+from tb_gateway.mqtt.server import LATENCY_SAMPLE, MqttConnection
 from tb_gateway.records import RecordKind
 from tb_gateway.sinks.base import Outcome
 from tests.mqtt_support import Client, Env, mqtt_gateway
@@ -65,6 +65,22 @@ def test_puback_only_after_the_sink_confirmed(tmp_path: Path, version: int) -> N
         await client.close()
 
     run(tmp_path, scenario, sink)
+
+
+@pytest.mark.parametrize("version", [4, 5])
+def test_ack_latency_is_observed_for_one_puback_in_eight(tmp_path: Path, version: int) -> None:
+    """docs/metrics.md: MQTT samples its ack latency (the messages themselves are counted in full)."""
+
+    async def scenario(env: Env) -> None:
+        client = await Client.connected(env.port, version)
+        for packet_id in range(1, 25):
+            await client.send(Publish(TELEMETRY, b'{"n":1}', 1, packet_id))
+            assert await client.recv() == PubAck(packet_id)
+        assert env.sample("tb_gateway_ack_latency_seconds_count", transport="mqtt") == 24 // LATENCY_SAMPLE
+        assert env.sample("tb_gateway_messages_sent_total", transport="mqtt") == 24
+        await client.close()
+
+    run(tmp_path, scenario)
 
 
 def test_one_settle_callback_per_watched_ack_under_a_steady_stream(
