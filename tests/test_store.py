@@ -326,3 +326,22 @@ def test_retention_is_checked_in_the_background_and_configured_from_settings(tmp
 
     asyncio.run(main())
     assert metrics.store_segments_removed.labels(reason="age")._value.get() == 2
+
+
+def test_batch_encoding_refuses_a_batch_changed_while_it_is_encoded() -> None:
+    """The C loop calls the Python encoder for records it has no template for; a batch that shrank under
+    it is refused, never read past its end."""
+    sink = StoreSink(Path("unused"))
+    batch = [
+        Record(DeviceIdentity(f"id{n}", f"dev{n}"), RecordKind.TELEMETRY, 1, {"n": n}, Transport.MQTT, 2)
+        for n in range(4)
+    ]
+    encode = sink._encode
+
+    def shrinking(record: Record) -> bytes:
+        batch.clear()
+        return encode(record)
+
+    sink._encode = shrinking  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="changed"):
+        sink.encode(batch)

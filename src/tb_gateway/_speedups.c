@@ -968,8 +968,13 @@ speedups_store_lines(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
+        if (PyList_GET_SIZE(records) != n) { /* encode() is Python code: the batch must not change under it */
+            PyErr_SetString(PyExc_RuntimeError, "store_lines: the records changed while they were encoded");
+            Py_DECREF(lines);
+            return NULL;
+        }
         PyObject *record = PyList_GET_ITEM(records, i);
-        Py_INCREF(record); /* the list may change under encode() */
+        Py_INCREF(record);
         PyObject *line = store_line(record, args[1], args[2]);
         if (line == NULL) {
             PyErr_Clear(); /* the Python encoder raises it again, or knows better */
@@ -1028,7 +1033,7 @@ speedups_sent_by_transport(PyObject *self, PyObject *const *args, Py_ssize_t nar
         if (kind == args[1]) {
             continue;
         }
-        PyObject *transport = PyObject_GetAttr(record, transport_name);
+        PyObject *transport = PyObject_GetAttr(record, transport_name); /* record: still in the list */
         if (transport == NULL) {
             goto error;
         }
