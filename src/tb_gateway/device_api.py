@@ -111,7 +111,7 @@ class DeviceApi:
     ) -> DeviceIdentity | None:
         """The device when the cache knows it and the address may connect; ``None`` (nothing counted) means
         go the whole way through ``authenticate_cached``. A fast lane's first question."""
-        return self.auth.cached_identity(credentials, transport.value, address)
+        return self.auth.cached_identity(credentials, transport, address)  # a StrEnum is its value: no .value lookup
 
     def post(
         self,
