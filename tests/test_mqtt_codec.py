@@ -488,3 +488,63 @@ def _decode_all(wire: bytes, version: int, cuts: list[int], limit: int) -> tuple
     except DecodeError as exc:
         return got + exc.packets, f"{type(exc).__name__} {exc.reason_code:#x} {exc}"
     return got, None
+
+
+@st.composite
+def one_packet_reads(draw: st.DrawFn) -> tuple[int, list[bytes]]:
+    """Reads of one packet each (sometimes two, or a part): plain QoS 1 PUBLISHes and their near misses."""
+    version = draw(st.sampled_from([4, 5]))
+    reads = []
+    for _ in range(draw(st.integers(1, 10))):
+        topic = draw(st.sampled_from(TOPICS))
+        first = draw(st.sampled_from([0x32] * 6 + [0x30, 0x3A, 0xC0]))
+        pid = draw(st.sampled_from([9, 9, 0]))
+        body = len(topic).to_bytes(2, "big") + topic + (pid.to_bytes(2, "big") if first & 0x06 else b"")
+        if version == 5:
+            body += draw(st.sampled_from([b"\x00", b"\x00", b"\x02\x01\x01"]))
+        body += draw(st.binary(max_size=draw(st.sampled_from([20, 130]))))
+        packet = b"\xc0\x00" if first == 0xC0 else bytes([first]) + varint(len(body)) + body
+        shape = draw(st.sampled_from(["whole"] * 4 + ["pair", "split"]))
+        if shape == "pair" and reads:
+            reads[-1] += packet
+        elif shape == "split" and len(packet) > 2:
+            at = draw(st.integers(1, len(packet) - 1))
+            reads += [packet[:at], packet[at:]]
+        else:
+            reads.append(packet)
+    return version, reads
+
+
+@given(one_packet_reads())
+@settings(max_examples=1000, deadline=None)
+def test_one_publish_read_in_c_is_what_feed_decodes(stream: tuple[int, list[bytes]]) -> None:
+    """``feed_one_publish`` answers a read exactly as ``feed`` would, or declines it having consumed nothing."""
+    version, reads = stream
+    fast, reference = Decoder(1 << 20, version), Decoder(1 << 20, version)
+    for data in reads:
+        try:
+            expected: list[Packet] | str = reference.feed(data)
+        except DecodeError as exc:
+            expected = f"{type(exc).__name__} {exc}"
+        got = fast.feed_one_publish(data)
+        if got is not None:
+            assert all(type(p) is Publish and p.qos == 1 and not p.properties for p in got)
+        else:
+            try:
+                got = fast.feed(data)
+            except DecodeError as exc:
+                got = f"{type(exc).__name__} {exc}"
+        assert repr(got) == repr(expected)
+        if isinstance(expected, str):
+            break
+
+
+@pytest.mark.parametrize("version", [4, 5])
+def test_one_publish_read_takes_the_c_path_once_its_topic_is_known(version: int) -> None:
+    wire = encode(Publish("v1/devices/me/telemetry", b'{"t":1}', 1, 5), version)
+    decoder = Decoder(1 << 20, version)
+    assert decoder.feed_one_publish(wire) is None  # a topic not validated yet
+    assert decoder.feed(wire) == [Publish("v1/devices/me/telemetry", b'{"t":1}', 1, 5)]
+    assert decoder.feed_one_publish(wire) == [Publish("v1/devices/me/telemetry", b'{"t":1}', 1, 5)]
+    assert decoder.feed_one_publish(wire + wire) is None  # two packets: feed
+    assert decoder.feed_one_publish(wire[:-1]) is None  # a part: feed

@@ -196,6 +196,26 @@ def test_inflight_window_and_acknowledge_in_any_version() -> None:
     assert replies(session, 5) == [PubAck(1), PubAck(2, 0x97)]
 
 
+@pytest.mark.parametrize("queued", [False, True])
+def test_acknowledge_delivered_now_is_acknowledge_then_data_to_send(queued: bool) -> None:
+    """The adapter's one-call hot path writes what the two calls would, a downlink queued before first."""
+    sessions = [new(4), new(4)]
+    for session in sessions:
+        session.data_to_send()
+        for packet_id in (7, 8):
+            send(session, Publish("v1/devices/me/telemetry", b"{}", 1, packet_id), 4)
+        if queued:
+            assert session.publish("v1/devices/me/rpc/request/1", b"{}")
+    reference, fast = sessions
+    reference.acknowledge_delivered([7, 8])
+    expected = reference.data_to_send()
+    assert fast.acknowledge_delivered_now([7, 8]) == expected
+    assert fast.inflight == reference.inflight == 0
+    assert fast.data_to_send() == b""
+    assert Decoder(version=4).feed(expected)[-2:] == [PubAck(7), PubAck(8)]
+    assert fast.acknowledge_delivered_now([]) == b""
+
+
 def test_subscribe_accepts_exactly_the_thingsboard_filters() -> None:
     for version, refused in ((4, 0x80), (5, 0x8F)):
         session = new(version)

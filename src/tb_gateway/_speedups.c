@@ -19,6 +19,7 @@
 #include <netinet/in.h>
 #include <sys/file.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 #include <stdint.h>
 #include <string.h>
@@ -1466,7 +1467,24 @@ speedups_maker(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     return (PyObject *)m;
 }
 
+/* now_ms() -> int: wall-clock milliseconds, time.time_ns() // 1_000_000 (the same CLOCK_REALTIME reading)
+ * without a Python frame: the transports stamp every read with it (clock.py). */
+static PyObject *
+speedups_now_ms(PyObject *self, PyObject *unused)
+{
+    struct timespec now;
+    if (clock_gettime(CLOCK_REALTIME, &now) != 0) {
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    long long ms = (long long)now.tv_sec * 1000 + now.tv_nsec / 1000000;
+    if (now.tv_sec < 0 && now.tv_nsec % 1000000) {
+        ms -= 1; /* floor division before 1970, as Python's // */
+    }
+    return PyLong_FromLongLong(ms);
+}
+
 static PyMethodDef methods[] = {
+    {"now_ms", speedups_now_ms, METH_NOARGS, "now_ms() -> int: time.time_ns() // 1_000_000"},
     {"frame", (PyCFunction)(void (*)(void))speedups_frame, METH_FASTCALL,
      "frame(payloads, index, offset, seq, crc, room) -> (bytes, index, offset, seq, crc): segments.frame() "
      "for as many entries as fit"},

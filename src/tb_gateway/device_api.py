@@ -29,6 +29,7 @@ import orjson
 
 from tb_gateway.attributes import CLIENT, AttributeStore
 from tb_gateway.auth import AuthService, Credentials
+from tb_gateway.clock import now_ms
 from tb_gateway.config import Settings
 from tb_gateway.construct import constructor
 from tb_gateway.errors import PayloadError
@@ -51,10 +52,6 @@ Groups = list[tuple[int, dict[str, Any]]]
 _SESSION_LIMIT_KEYS = ("messages", "telemetryMessages", "telemetryDataPoints")  # getSessionLimits, in LIMIT_NAMES order
 
 
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 class DeviceApi:
     def __init__(
         self,
@@ -63,7 +60,7 @@ class DeviceApi:
         pipeline: Pipeline,
         attribute_store: AttributeStore,
         metrics: Metrics,
-        clock_ms: Callable[[], int] = _now_ms,
+        clock_ms: Callable[[], int] = now_ms,
         clock_s: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
@@ -77,6 +74,10 @@ class DeviceApi:
         self.now_ms = clock_ms
         self.downlink: Downlink | None = None  # set by app.py; RPC, shared attributes, device state
         self._clock_s = clock_s
+        # known_device(credentials, transport, address): the device when the cache knows it and the address may
+        # connect; None (nothing counted) means go the whole way through authenticate_cached. A fast lane's
+        # first question, once per request: the auth service's method itself (a StrEnum transport is its value)
+        self.known_device: Callable[[Credentials, Transport, str | None], DeviceIdentity | None] = auth.cached_identity
         self.limiter = configured(settings)
         limits = self.limiter.limits if self.limiter is not None else ((), (), ())
         self._limit_specs = [format_limit(limit) for limit in limits]
@@ -106,13 +107,6 @@ class DeviceApi:
         ``authenticate``. Lets a per-request transport answer without a task switch on the hot path."""
         return self.auth.cached(credentials, transport.value, address)
 
-    def known_device(
-        self, credentials: Credentials, transport: Transport, address: str | None = None
-    ) -> DeviceIdentity | None:
-        """The device when the cache knows it and the address may connect; ``None`` (nothing counted) means
-        go the whole way through ``authenticate_cached``. A fast lane's first question."""
-        return self.auth.cached_identity(credentials, transport, address)  # a StrEnum is its value: no .value lookup
-
     def post(
         self,
         device: DeviceIdentity,
@@ -130,7 +124,7 @@ class DeviceApi:
         resolves once every record is durable. A transport that reads many messages at once passes the
         read's ``now_ms``, and ``activity_seen`` when it already told the downlink about the read (MQTT).
         """
-        self._received[transport].inc()
+        self._received[transport].value += 1  # CounterChild.inc() without its frame: once per message
         now = self._clock_ms() if now_ms is None else now_ms
         if self.downlink is not None and not activity_seen:
             self.downlink.activity(device, transport, now)

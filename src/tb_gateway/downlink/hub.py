@@ -17,13 +17,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import orjson
 
 from tb_gateway.attributes import AttributeStore
+from tb_gateway.clock import now_ms
 from tb_gateway.config import Settings
 from tb_gateway.downlink.client_rpc import TIMEOUT_REPLY, ClientRpcTable
 from tb_gateway.downlink.device_state import DeviceStateTracker, StateChanged
@@ -51,10 +51,6 @@ class DownlinkSource(Protocol):
     def close(self) -> None: ...
 
 
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 class Downlink:
     def __init__(
         self,
@@ -71,7 +67,7 @@ class Downlink:
         client_rpc_max_pending: int = 10_000,
         inactivity_timeout_ms: int = 600_000,
         max_tracked_devices: int = 1_000_000,
-        clock_ms: Callable[[], int] = _now_ms,
+        clock_ms: Callable[[], int] = now_ms,
     ) -> None:
         self.sessions = SessionRegistry()
         self.instance = instance  # this process's id: client-RPC ids start with it, the router names it so

@@ -29,13 +29,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 from redis.exceptions import RedisError
 
+from tb_gateway.clock import now_ms
 from tb_gateway.downlink.hub import Downlink
 from tb_gateway.downlink.rpc import RpcOutcome, RpcRequest, RpcStatus
 from tb_gateway.downlink.shared_attributes import parse_change
@@ -420,12 +420,8 @@ class RedisDirectory:
 def build(hub: Downlink, cache: RedisCache, instance: str) -> Router:
     """The router of a process with REDIS_URL: listens on its channel, writes the directory when Redis is up."""
     directory = RedisDirectory(cache)
-    router = Router(hub, directory, _now_ms, instance)
+    router = Router(hub, directory, now_ms, instance)
     cache.listen(directory.channel(router.id), router.on_message)
     cache.listen(directory.shared_channel, router.on_shared)
     cache.up_listeners.append(router.resync)
     return router
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000

@@ -242,6 +242,22 @@ class Decoder:
             raise
         return packets
 
+    def feed_one_publish(self, data: bytes) -> list[Packet] | None:
+        """``feed`` for the commonest read of a device that sends one message at a time: ``data`` is exactly
+        one plain QoS 1 PUBLISH (no properties, a topic seen before), decoded by one C call. None, with
+        nothing consumed, for anything else: then ``feed``."""
+        if (
+            _publishes is None
+            or len(data) < 2
+            or data[0] != 0x32
+            or data[1] + 2 != len(data)  # one packet, its remaining length in one byte
+            or self._buf
+            or self._failed is not None
+        ):
+            return None
+        found, after = _publishes(data, 0, self._topics, self.version == MQTT_5, self.max_packet_bytes, _new_publish)
+        return found if after == len(data) else None
+
     def _header(self, buf: bytes | bytearray, pos: int, n: int) -> tuple[int, int] | None:
         """(fixed header length, remaining length) of the packet at ``pos``; None while incomplete."""
         if not _FIRST_OK[self.version][buf[pos]]:

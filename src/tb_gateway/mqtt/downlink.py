@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -46,6 +47,8 @@ class MqttDownlink:
         self.device = device
         self._connection = connection
         self._hub = hub
+        # every read is activity: the hub's method bound here, so a read costs one Python frame, not two
+        self.activity: Callable[[int], None] = partial(hub.activity, device, Transport.MQTT)
         self._topics: dict[Feature, str] = {}  # feature -> topic family in use
         self._filters: dict[Feature, set[str]] = {Feature.RPC: set(), Feature.ATTRIBUTES: set()}
         self._unacknowledged: dict[int, int] = {}  # packet id -> RPC id
@@ -80,9 +83,6 @@ class MqttDownlink:
         self._connection.shut(CLOSE_CODES.get(reason, 0x98), reason)  # default: administrative action
 
     # --- the connection's life ---
-
-    def activity(self, now_ms: int) -> None:
-        self._hub.activity(self.device, Transport.MQTT, now_ms)
 
     def ended(self) -> None:
         """The connection is gone; what it was sent unacknowledged waits for the device's next session."""

@@ -147,6 +147,9 @@ class Session:
         if self.state is State.TERMINATED:
             return []
         self._last_received = now
+        if self.state is State.CONNECTED and (packets := self._decoder.feed_one_publish(data)) is not None:
+            self.inflight += len(packets)  # what _handle_all does with a plain QoS 1 PUBLISH
+            return packets  # type: ignore[return-value]
         try:
             packets = self._decoder.feed(data)
         except DecodeError as exc:
@@ -302,6 +305,19 @@ class Session:
             return
         self.inflight -= len(packet_ids)
         self._out.append(pubacks(packet_ids))
+
+    def acknowledge_delivered_now(self, packet_ids: list[int]) -> bytes:
+        """``acknowledge_delivered`` then ``data_to_send`` in one call: the adapter's hot path."""
+        if self.state is State.TERMINATED or not packet_ids:
+            return self.data_to_send()
+        self.inflight -= len(packet_ids)
+        data = pubacks(packet_ids)
+        out = self._out
+        if out:  # what was queued before goes first
+            out.append(data)
+            data = b"".join(out)
+            out.clear()
+        return data
 
     def publish(self, topic: str, payload: bytes) -> bool:
         """Send a downlink: QoS of the first matching subscription, else 1 (spec §1.3). False if too large."""

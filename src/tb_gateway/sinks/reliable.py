@@ -24,10 +24,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from tb_gateway.clock import now_ms
 from tb_gateway.errors import RetriableSinkError, SinkError
 from tb_gateway.metrics import Metrics
 from tb_gateway.records import Record
@@ -57,7 +57,7 @@ class SpoolingSink:
         replay_chunk_records: int = REPLAY_CHUNK_RECORDS,
         backoff_initial_s: float = BACKOFF_INITIAL_S,
         backoff_max_s: float = BACKOFF_MAX_S,
-        clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+        clock_ms: Callable[[], int] = now_ms,
     ) -> None:
         self.primary = primary
         self.name = f"{primary.name}+spool"
