@@ -258,3 +258,89 @@ def test_values_are_reused_only_when_nothing_is_dropped() -> None:
     assert values == {"a": 1, "c": 2.5, "e": True} and values is not with_null
     assert with_null == {"a": 1, "b": None, "c": 2.5, "d": None, "e": True}  # the document is left alone
     assert normalize._speedups.telemetry(orjson.loads(b'{"a":null}'), NOW, True, 0) == []
+
+
+# --- what no record could hold is refused here, never left for the sink to fail on ----------------------------
+
+_odd_numbers = st.sampled_from(
+    ["1e400", "-1E400", "1.5e400", "12345678901234567890123", "1" + "0" * 5000, "0.12345678901234567", "42.0", "1e3"]
+)
+_odd_strings = st.sampled_from(
+    ['"\\ud800"', '"\\udfff x"', '"\\ud83d\\ude00"', '"²"', '"1²"', '"①"', '"1' + "0" * 5000 + '"']
+)
+
+
+@st.composite
+def _odd_json(draw: st.DrawFn, depth: int = 0) -> str:
+    """JSON text with the values that tripped the gateway: numbers beyond a double or int64 (and their
+    literal forms), lone surrogates, Unicode digits, nesting near MAX_NESTING."""
+    choice = draw(st.integers(0, 5 if depth < 3 else 1))
+    if choice == 0:
+        return draw(_odd_numbers)
+    if choice == 1:
+        return draw(_odd_strings)
+    if choice == 2:
+        levels = draw(st.sampled_from([normalize.MAX_NESTING - 1, normalize.MAX_NESTING, 300, 600]))
+        return "[" * levels + draw(_odd_numbers) + "]" * levels
+    if choice == 3:
+        return "[" + ",".join(draw(st.lists(_odd_json(depth + 1), max_size=3))) + "]"
+    items = draw(st.lists(st.tuples(st.sampled_from(["a", "ts", "values", "b"]), _odd_json(depth + 1)), max_size=3))
+    return "{" + ",".join(f'"{k}":{v}' for k, v in items) + "}"
+
+
+@given(_odd_json(), st.sampled_from([CAST, NO_CAST]))
+@settings(max_examples=400, deadline=None)
+def test_whatever_is_accepted_encodes_again_as_a_record_would(text: str, rules: ValueRules) -> None:
+    """A value that orjson cannot write failed the whole batch in the store (other devices' messages too)."""
+    payload = text.encode()
+    for parse in (lambda: telemetry(payload, NOW, rules), lambda: [(NOW, attributes(payload, rules))]):
+        try:
+            groups = parse()
+        except PayloadError as exc:
+            assert str(exc)
+            continue
+        for ts, values in groups:
+            orjson.dumps({"device": "d", "ts": ts, "values": values})  # the record's shape, nested in one more level
+
+
+def test_deep_nesting_is_refused_with_its_place() -> None:
+    deep = normalize.MAX_NESTING
+    assert tel(b'{"a":' + b"[" * deep + b"1" + b"]" * deep + b"}") == [
+        (NOW, {"a": json.loads("[" * deep + "1" + "]" * deep)})
+    ]
+    for levels in (deep + 1, 600, 1000):
+        with pytest.raises(PayloadError, match=rf"telemetry\.a: nested deeper than {deep} levels"):
+            tel(b'{"a":' + b'{"b":' * levels + b"1" + b"}" * levels + b"}")
+    with pytest.raises(PayloadError, match="nested deeper"):  # the stdlib parser (a long fraction) recurses
+        tel(b'{"x":0.12345678901234567,"a":' + b"[" * 5000 + b"]" * 5000 + b"}")
+
+
+@pytest.mark.parametrize("ts", ['"²"', '"1²"', '"①"', '"1' + "0" * 5000 + '"', "1" + "0" * 5000])
+def test_a_ts_int_cannot_read_is_refused_not_an_error(ts: str) -> None:
+    with pytest.raises(PayloadError, match=r"telemetry\.ts: "):
+        tel(f'{{"ts":{ts},"values":{{"a":1}}}}'.encode())
+
+
+def test_numbers_beyond_a_double_follow_the_long_and_double_rules() -> None:
+    assert tel(b'{"a":1e400}') == [(NOW, {"a": "1e400"})]  # integral, beyond int64: a string (cast on)
+    assert tel(b'{"a":1' + b"0" * 5000 + b"}") == [(NOW, {"a": "1" + "0" * 5000})]
+    with pytest.raises(PayloadError, match="outside the 64-bit range"):
+        tel(b'{"a":1e400}', NO_CAST)
+    with pytest.raises(PayloadError, match=r"telemetry\.a: 1\.5e400 is beyond the range of a double"):
+        tel(b'{"a":1.5e400}')
+    for payload in (b'{"o":[1e400]}', b'{"o":{"x":1e400},"f":0.12345678901234567}'):
+        with pytest.raises(PayloadError, match=r"telemetry\.o: the number 1e400 is beyond the range of a double"):
+            tel(payload)
+
+
+def test_nested_integers_beyond_64_bits_read_the_same_on_both_parsers() -> None:
+    """orjson reads them as doubles; the literal-keeping parser (taken for a long fraction) now does too."""
+    fast = tel(b'{"o":{"x":12345678901234567890123}}')
+    slow = tel(b'{"o":{"x":12345678901234567890123},"f":0.12345678901234567}')
+    assert fast[0][1]["o"] == slow[0][1]["o"] == {"x": 1.2345678901234568e22}
+
+
+def test_a_lone_surrogate_is_invalid_json_on_either_parser() -> None:
+    for payload in (b'{"a":"\\ud800"}', b'{"a":"\\ud800","f":0.12345678901234567}', b'{"a":{"b":"\\udfff"},"c":1.0}'):
+        with pytest.raises(PayloadError, match="invalid JSON"):
+            tel(payload)

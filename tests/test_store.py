@@ -61,6 +61,26 @@ def test_delivered_batches_read_back_in_order_and_filtered(tmp_path: Path) -> No
     assert [r["seq"] for r in read_messages(path, after_seq=2)] == [3]
 
 
+def test_a_record_json_cannot_hold_is_rejected_alone_not_its_batch(tmp_path: Path, caplog: Any) -> None:
+    """Defence in depth behind normalize.py: one such record used to fail every message of its batch."""
+    path = tmp_path / "messages"
+    deep: Any = 1
+    for _ in range(300):
+        deep = [deep]
+
+    async def main() -> None:
+        sink = StoreSink(path)
+        await sink.start()
+        batch = [rec(1, a=1), rec(2, big=2**70), rec(3, b=2), rec(4, deep=deep)]
+        assert await sink.deliver(batch) == [Outcome.DELIVERED, Outcome.REJECTED, Outcome.DELIVERED, Outcome.REJECTED]
+        assert await sink.deliver([rec(5, big=2**70)]) == [Outcome.REJECTED]  # nothing left to write
+        await sink.close()
+
+    asyncio.run(main())
+    assert [r["ts"] for r in read_messages(path)] == [1, 3]
+    assert "JSON cannot hold" in caplog.text
+
+
 def test_reading_a_store_that_does_not_exist_yet_yields_nothing(tmp_path: Path) -> None:
     assert list(read_messages(tmp_path / "none")) == []
 

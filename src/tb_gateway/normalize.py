@@ -18,6 +18,7 @@ over every payload cost more than orjson itself.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -32,10 +33,15 @@ except ImportError:  # pragma: no cover - a build without a C compiler runs the 
     _speedups = None  # type: ignore[assignment]
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+_DOUBLE_LIMIT = 2**1024  # integers from here on have no double
 MAX_DECIMALS = 16
 MAX_KEY_LENGTH = 255  # ThingsBoard's key dictionary column; longer keys would fail later, so refuse now
+# Objects and arrays kept as values may nest this deep: every record must encode as JSON again (the store, the
+# Kafka records), and orjson writes at most 255 levels; no device needs more than a handful.
+MAX_NESTING = 128
 
 _NUMERIC_STRING = re.compile(r"-?(?:\d+(?:\.\d+)?|\.\d+)")
+_INTEGER_STRING = re.compile(r"-?\d+")  # decimal digits, as int() reads them; str.isdigit() also takes "²"
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,10 +79,20 @@ def parse_json(payload: bytes, *, literals: bool = False) -> Any:
     try:
         long_fraction = _long_fraction if type(payload) is bytes else _has_long_fraction
         if not literals and not long_fraction(payload):
-            return orjson.loads(payload)
-        return json.loads(payload, parse_float=_Literal, parse_int=_Literal, parse_constant=_reject_constant)
-    except (orjson.JSONDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            try:
+                return orjson.loads(payload)
+            except orjson.JSONDecodeError as exc:
+                if "infinity" not in str(exc):
+                    raise
+                # 1e400: beyond a double, but a number all the same; its literal decides (_number)
+        document = json.loads(payload, parse_float=_Literal, parse_int=_Literal, parse_constant=_reject_constant)
+        # the stdlib accepts what orjson would refuse (a lone surrogate) and what no record could hold
+        orjson.dumps(document)
+        return document
+    except (orjson.JSONDecodeError, json.JSONDecodeError, UnicodeDecodeError, orjson.JSONEncodeError) as exc:
         raise PayloadError(f"invalid JSON: {exc}") from None
+    except RecursionError:  # the stdlib parser nests a Python call per level
+        raise PayloadError(f"invalid JSON: nested deeper than {MAX_NESTING} levels") from None
 
 
 def _reject_constant(name: str) -> Any:
@@ -176,10 +192,11 @@ def _typed(value: Any, parent: str, key: str, rules: ValueRules) -> Any:
         if rules.type_cast and _NUMERIC_STRING.fullmatch(value):
             return _number(value, where, rules, literal=False)
         return value
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
+    if isinstance(value, dict | list):
+        try:
+            return _plain(value, MAX_NESTING)
+        except _Unstorable as exc:
+            raise PayloadError(f"{where}: {exc}") from None
     raise PayloadError(f"{where}: unsupported value {value!r}")  # pragma: no cover - JSON has no other types
 
 
@@ -192,9 +209,16 @@ def _number(text: str, where: str, rules: ValueRules, *, literal: bool) -> Any:
             if rules.type_cast or not literal:
                 return text
             raise PayloadError(f"{where}: more than {MAX_DECIMALS} decimal places")
-        return float(text)
+        double = float(text)
+        if math.isinf(double):
+            raise PayloadError(f"{where}: {text} is beyond the range of a double")
+        return double
+    if "e" not in text and "E" not in text and _beyond_int64_digits(text):
+        return _out_of_range(text, where, rules)  # no int() of it: Python refuses over 4300 digits
     number = float(text) if ("e" in text or "E" in text) else int(text)
     if isinstance(number, float):
+        if math.isinf(number):  # 1e400: integral, far outside the 64-bit range
+            return _out_of_range(text, where, rules)
         if not number.is_integer():
             return number
         number = int(number)
@@ -209,34 +233,55 @@ def _out_of_range(text: str, where: str, rules: ValueRules) -> str:
     raise PayloadError(f"{where}: integer outside the 64-bit range")
 
 
-def _plain(value: Any) -> Any:
-    """Nested JSON kept as JSON: literals kept by the slow path become ordinary numbers again."""
+class _Unstorable(Exception):
+    """Nested JSON that no record could hold; the message says why."""
+
+
+def _plain(value: Any, room: int) -> Any:
+    """Nested JSON kept as JSON, at most ``room`` levels of objects and arrays: literals kept by the slow path
+    become ordinary numbers again, as orjson reads them on the fast path (beyond 64 bits, a double)."""
     if isinstance(value, _Literal):
-        return json.loads(str(value))
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
+        text = str(value)
+        number = float(text) if _beyond_int64_digits(text) else json.loads(text)
+        if type(number) is int and not INT64_MIN <= number <= INT64_MAX:
+            number = float(number) if abs(number) < _DOUBLE_LIMIT else math.inf
+        if type(number) is float and math.isinf(number):
+            raise _Unstorable(f"the number {text[:32]} is beyond the range of a double")
+        return number
+    if isinstance(value, dict | list):
+        if room <= 0:
+            raise _Unstorable(f"nested deeper than {MAX_NESTING} levels")
+        if isinstance(value, dict):
+            return {k: _plain(v, room - 1) for k, v in value.items()}
+        return [_plain(v, room - 1) for v in value]
     return value
 
 
 def _timestamp(value: Any, where: str) -> int:
     """Epoch milliseconds: an integer, an integral number or a numeric string (read as a long)."""
-    if isinstance(value, _Literal):
-        value = json.loads(str(value))
+    if isinstance(value, _Literal) or (isinstance(value, str) and _INTEGER_STRING.fullmatch(value.strip())):
+        text = value.strip()
+        if _beyond_int64_digits(text):
+            raise PayloadError(f"{where}: timestamp {text[:32]} is out of range")
+        value = json.loads(text) if isinstance(value, _Literal) else int(text)
     if isinstance(value, bool):
         raise PayloadError(f"{where}: expected epoch milliseconds, got a boolean")
     if isinstance(value, int):
         ts = value
     elif isinstance(value, float) and value.is_integer():
         ts = int(value)
-    elif isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        ts = int(value.strip())
     else:
         raise PayloadError(f"{where}: expected epoch milliseconds, got {value!r}")
     if not 0 <= ts <= INT64_MAX:
         raise PayloadError(f"{where}: timestamp {ts} is out of range")
     return ts
+
+
+def _beyond_int64_digits(text: str) -> bool:
+    """An integer literal with more digits than any int64 has (leading zeros aside): out of range, whatever
+    its value, and too long for ``int()`` past 4300 digits."""
+    digits = text.lstrip("-").lstrip("0")
+    return len(digits) > 19 and digits.isdigit()
 
 
 def _kind(value: Any) -> str:

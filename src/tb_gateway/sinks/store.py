@@ -102,9 +102,13 @@ class StoreSink:
 
     def deliver_then(self, batch: Sequence[Record], done: Callable[[Any], None]) -> None:
         """Write ``batch`` on the writer thread; ``done`` gets the outcomes on the loop (CallbackSink)."""
-        payloads = self.encode(batch)
-        oversized = max(map(len, payloads), default=0) > MAX_PAYLOAD  # never, with MAX_PAYLOAD_SIZE in force
-        kept = [p for p in payloads if len(p) <= MAX_PAYLOAD] if oversized else payloads
+        try:
+            payloads: Sequence[bytes | None] = self.encode(batch)
+        except TypeError:  # orjson's JSONEncodeError: a record JSON cannot hold fails alone, not its batch
+            payloads = [self._encode_alone(record) for record in batch]
+        # all of them, unless one could not be encoded or is oversized (never, with MAX_PAYLOAD_SIZE in force
+        # and normalize.py refusing what JSON cannot hold)
+        kept = [p for p in payloads if p is not None and len(p) <= MAX_PAYLOAD]
 
         def written(_: Any, exc: BaseException | None) -> None:
             if isinstance(exc, OSError):  # disk full, I/O error: not acknowledged
@@ -118,10 +122,10 @@ class StoreSink:
                 return
             self._last_error = None
             self.stored += len(kept)
-            if not oversized:
+            if len(kept) == len(payloads):
                 done([Outcome.DELIVERED] * len(payloads))
             else:
-                done([Outcome.DELIVERED if len(p) <= MAX_PAYLOAD else Outcome.REJECTED for p in payloads])
+                done([Outcome.REJECTED if p is None or len(p) > MAX_PAYLOAD else Outcome.DELIVERED for p in payloads])
 
         if kept:
             self._submit(lambda: self._log.append(kept), written)
@@ -148,6 +152,16 @@ class StoreSink:
         if _store_lines is not None and type(batch) is list:
             return _store_lines(batch, self._templates, orjson.dumps, self._encode)
         return [self._encode(r) for r in batch]
+
+    def _encode_alone(self, record: Record) -> bytes | None:
+        """A record's line, or None (logged) when JSON cannot hold it: it is answered REJECTED alone."""
+        try:
+            return self._encode(record)
+        except TypeError as exc:
+            log.error(
+                "embedded store: refused a record of device %s that JSON cannot hold: %s", record.device.name, exc
+            )
+            return None
 
     def _encode(self, record: Record) -> bytes:
         """``orjson.dumps(record.to_dict())``, byte for byte, at a third of the cost: per device, kind and
