@@ -18,8 +18,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from tb_gateway.mqtt.codec import encode
 from tb_gateway.mqtt.packets import (
+    Auth,
     ConnAck,
+    Connect,
     Disconnect,
     PingReq,
     PingResp,
@@ -243,6 +246,19 @@ def test_keepalive_enforced_at_one_and_a_half_times(tmp_path: Path) -> None:
     run(tmp_path, scenario)
 
 
+def test_keepalive_runs_while_the_client_does_not_read_our_answers(tmp_path: Path) -> None:
+    async def scenario(env: Env) -> None:
+        client = await Client.connected(env.port, 5, keepalive_s=1)
+        (connection,) = env.server.connections
+        connection.pause_writing()  # what the transport says when the client leaves our answers unread
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        assert await client.until_closed(4.0) == [Disconnect(0x8D)]
+        assert 1.4 < loop.time() - started < 4.0
+
+    run(tmp_path, scenario)
+
+
 def test_socket_without_connect_is_closed(tmp_path: Path) -> None:
     async def scenario(env: Env) -> None:
         client = await Client.open(env.port)
@@ -271,6 +287,23 @@ def test_invalid_payload_per_version(tmp_path: Path) -> None:
     run(tmp_path, scenario)
 
 
+def test_an_rpc_reply_with_a_bad_request_id_is_an_invalid_payload(tmp_path: Path) -> None:
+    """As every request id (docs/mqtt.md): not a decimal Java int is refused, never acknowledged as success."""
+
+    async def scenario(env: Env) -> None:
+        v5 = await Client.connected(env.port, 5)
+        bad = ("v1/devices/me/rpc/response/abc", "v1/devices/me/rpc/response/2147483648", "v2/r/res/-1")
+        await v5.send(*(Publish(topic, b"{}", 1, i + 1) for i, topic in enumerate(bad)))
+        assert await v5.recv_n(3) == [PubAck(1, 0x99), PubAck(2, 0x99), PubAck(3, 0x99)]
+        await v5.close()
+        v3 = await Client.connected(env.port, 4, username="T2")
+        await v3.send(Publish("v1/devices/me/rpc/response/7", b"{}", 1, 1), Publish(bad[0], b"{}", 1, 2))
+        assert await v3.until_closed() == [PubAck(1)]
+        assert env.sample("tb_gateway_refusals_total", transport="mqtt", reason="bad_payload") == 4
+
+    run(tmp_path, scenario)
+
+
 def test_unknown_topic_per_version(tmp_path: Path) -> None:
     async def scenario(env: Env) -> None:
         for version, code in ((4, 0), (5, 0x90)):
@@ -294,6 +327,36 @@ def test_oversize_and_malformed_close_with_0x81_in_v5(tmp_path: Path) -> None:
         client = await Client.connected(env.port, 4)
         await client.send_raw(bytes.fromhex("3003 0005 61"))
         assert await client.until_closed() == []
+
+    run(tmp_path, scenario, max_payload_size=1024)
+
+
+def test_protocol_refusals_are_counted_by_reason(tmp_path: Path) -> None:
+    """docs/mqtt.md: every refusal is counted, those that end the connection too."""
+    cases = [
+        (b"\x32" + bytes.fromhex("ff7f"), 0x81, "too_large"),  # 16383 > 1024, refused from the header
+        (bytes.fromhex("3003 0005 61"), 0x81, "malformed"),
+        (encode(Publish(TELEMETRY, b"{}", 2, 1), 5), 0x9B, "qos_not_supported"),
+        (encode(Publish(TELEMETRY, b"{}", 1, 1, properties={0x23: 1}), 5), 0x94, "protocol_error"),
+        (encode(Publish("v1/devices/+", b"{}", 1, 1), 5), 0x82, "protocol_error"),
+        (encode(Publish("", b"{}", 1, 1), 5), 0x82, "protocol_error"),
+        (encode(Auth(0x18), 5), 0x82, "protocol_error"),
+    ]
+
+    async def scenario(env: Env) -> None:
+        for data, code, _ in cases:
+            client = await Client.connected(env.port, 5)
+            await client.send_raw(data)
+            assert await client.until_closed() == [Disconnect(code)]
+        for reason in {reason for _, _, reason in cases}:
+            expected = sum(1 for *_, r in cases if r == reason)
+            assert env.sample("tb_gateway_refusals_total", transport="mqtt", reason=reason) == expected, reason
+        await asyncio.sleep(0.2)
+        client = await Client.connected(env.port, 5)  # a client that leaves is no refusal
+        await client.send(Disconnect())
+        assert await client.until_closed() == []
+        reasons = {reason for _, _, reason in cases}
+        assert sum(env.sample("tb_gateway_refusals_total", transport="mqtt", reason=r) for r in reasons) == len(cases)
 
     run(tmp_path, scenario, max_payload_size=1024)
 
@@ -348,6 +411,25 @@ def test_full_queue_stops_reading_instead_of_buffering(tmp_path: Path) -> None:
         await client.close()
 
     run(tmp_path, scenario, sink, queue_max_records=20, batch_size=5, mqtt_max_inflight=100)
+
+
+def test_messages_sent_with_the_connect_wait_for_room_instead_of_being_refused(tmp_path: Path) -> None:
+    """docs/mqtt.md: a busy gateway slows devices down rather than refusing them, also for what a device
+    sends right behind its CONNECT (held until the CONNACK, then admitted as room frees)."""
+
+    async def scenario(env: Env) -> None:
+        for version in (4, 5):
+            client = await Client.open(env.port, version)
+            publishes = [Publish(TELEMETRY, b'{"n":%d}' % i, 1, i) for i in range(1, 51)]
+            await client.send(Connect("", version, username="T1"), *publishes)
+            ack = await client.recv()
+            assert isinstance(ack, ConnAck) and ack.reason_code == 0
+            assert await client.recv_n(50) == [PubAck(i) for i in range(1, 51)]
+            await client.close()
+        assert env.sample("tb_gateway_refusals_total", transport="mqtt", reason="queue_full") == 0
+        assert [r.values["n"] for r in env.sink.records] == list(range(1, 51)) * 2
+
+    run(tmp_path, scenario, queue_max_records=20)
 
 
 def test_inflight_window_pauses_reading(tmp_path: Path) -> None:
@@ -412,6 +494,7 @@ def test_client_rpc_session_limits_and_other_methods(tmp_path: Path) -> None:
             "maxInflightMessages": 100,
             "rateLimits": {"messages": None, "telemetryMessages": None, "telemetryDataPoints": None},
         }
+        assert env.sample("tb_gateway_client_rpc_total", result="local") == 1  # as over HTTP and CoAP
         await client.send(Publish("v2/r/req/2", b'{"method":"reboot"}', 1, 9))
         got = await client.recv_n(2)
         answer = next(p for p in got if isinstance(p, Publish))

@@ -107,6 +107,16 @@ def test_v5_enhanced_authentication_is_refused_cleanly() -> None:
     assert replies(session, 5) == [ConnAck(0x8C)]
 
 
+@pytest.mark.parametrize("prop", [0x21, 0x27])  # Receive Maximum, Maximum Packet Size
+def test_v5_connect_with_a_zero_limit_is_a_protocol_error(prop: int) -> None:
+    """Maximum Packet Size 0 used to be taken: every later answer was then too large to send, silently."""
+    session = Session(LIMITS, 0.0, topics.accept_filter)
+    events = session.receive_data(encode(Connect("c", 5, username="T", properties={prop: 0}), 5), 0.0)
+    assert [type(e) for e in events] == [ConnectionTerminated] and events[0].refusal == "protocol_error"  # type: ignore[union-attr]
+    assert replies(session, 5) == [ConnAck(0x82)]
+    assert session.state is State.TERMINATED
+
+
 def test_auth_packet_after_connect_is_a_protocol_error() -> None:
     session = new(5)
     session.data_to_send()
@@ -169,6 +179,25 @@ def test_topic_alias_is_refused() -> None:
     session.data_to_send()
     events = send(session, Publish("t", b"", 1, 1, properties={0x23: 1}), 5)
     assert events[0].reason_code == 0x94  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("qos", [0, 1])
+@pytest.mark.parametrize(("version", "goodbye"), [(4, []), (5, [Disconnect(0x82)])])
+def test_publish_without_a_topic_is_a_protocol_error_every_time(version: int, goodbye: list[Packet], qos: int) -> None:
+    """At QoS 1 too, whose hot path skips the per-packet checks (and a validated topic is remembered for the
+    C decoder: the empty one never is)."""
+    for whole_read in (True, False):
+        session = new(version)
+        session.data_to_send()
+        empty = encode(Publish("", b"{}", qos, qos * 3), version)
+        if whole_read:
+            events = session.receive_data(empty, 1.0)
+        else:  # a partial packet first, then the rest: not the one-packet read
+            events = session.receive_data(empty[:3], 1.0) + session.receive_data(empty[3:], 1.0)
+        assert [type(e) for e in events] == [ConnectionTerminated]
+        assert events[0].reason_code in (0x82, 0x81)  # type: ignore[attr-defined]
+        assert replies(session, version) == goodbye
+        assert session.state is State.TERMINATED
 
 
 @pytest.mark.parametrize(("version", "goodbye"), [(4, []), (5, [Disconnect(0x81)])])

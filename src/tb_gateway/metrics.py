@@ -45,7 +45,7 @@ class Metrics:
         )
         self.devices_connected = Gauge(
             "tb_gateway_devices_connected",
-            "Devices with a live session (MQTT connections, CoAP observations, HTTP long polls)",
+            "Devices with a live connection (MQTT sessions; long polls and observations are downlink subscriptions)",
             ["transport"],
             registry=r,
         )

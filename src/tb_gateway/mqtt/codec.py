@@ -402,6 +402,8 @@ class Decoder:
         topic = _text(raw)
         if "+" in topic or "#" in topic:
             raise ProtocolViolation("PUBLISH topic contains a wildcard")
+        if not topic:  # never cached: the session refuses it, so no fast path may hand it over
+            return topic
         if len(self._topics) >= _TOPIC_CACHE_SIZE:
             self._topics.clear()
         self._topics[raw] = topic

@@ -252,28 +252,35 @@ class MqttConnection(asyncio.Protocol):
             self._read_at = now
             self._read_ms = self._api.now_ms()  # _publish stamps this read's records with the same reading
             self._downlink.activity(self._read_ms)
+        self._admit(events, now)
+        self._flush()
+
+    def _admit(self, events: list[Any], now: float) -> None:
+        """Act on what one read brought (or what was held until the CONNACK), in order."""
         if self._backlog is None and self._api.pipeline.has_room(len(events) + self._server.headroom):
-            for event in events:  # the common case: room for everything this read brought
+            for event in events:  # the common case: room for everything
                 if type(event) is Publish:
                     if not self._closing:
                         self._publish(event, now)
                 else:
                     self._event(event)
         else:
-            # the pipeline is (nearly) full: hold what this read brought, at most one read's worth, and
-            # read no more until it is admitted; no message is refused for lack of room
+            # the pipeline is (nearly) full: hold these, at most one read's worth (or what may wait for the
+            # CONNACK), and read no more until they are admitted; no message is refused for lack of room
             if self._backlog is None:
                 self._backlog = deque(events)
             else:
                 self._backlog.extend(events)
             self._work_backlog(now)
-        self._flush()
 
     def _event(self, event: object) -> None:
         if type(event) is ConnectReceived:
             self._connect(event.connect)
         elif type(event) is ConnectionTerminated:
-            log.debug("MQTT connection ended: %s (0x%02x)", event.detail, event.reason_code)
+            if event.refusal:  # the client broke the protocol: counted and logged like any refusal
+                self._api.refused(self._device, MQTT, event.refusal, event.detail)
+            else:
+                log.debug("MQTT connection ended: %s (0x%02x)", event.detail, event.reason_code)
         elif self._downlink is not None:  # Subscribed / Unsubscribed / PubAckReceived
             self._downlink.event(event)
 
@@ -422,12 +429,7 @@ class MqttConnection(asyncio.Protocol):
             self._downlink = MqttDownlink(self, device, self._api.downlink)
             self._api.downlink.attach(self._downlink)  # the device's connect
         self.resume(AUTH)
-        now = self._loop.time()
-        for event in events:  # what arrived before the CONNACK
-            if type(event) is not Publish:
-                self._event(event)  # a SUBSCRIBE reaches the downlink
-            elif not self._closing:
-                self._publish(event, now)
+        self._admit(events, self._loop.time())  # what arrived before the CONNACK: a SUBSCRIBE reaches the downlink
         self._arm_timer()
 
     # --- PUBLISH ----------------------------------------------------------------------------------------
@@ -509,7 +511,10 @@ class MqttConnection(asyncio.Protocol):
         topic = f"{target.response_prefix}{target.request_id}"
         hub = self._api.downlink
         if method == "getSessionLimits" or hub is None:
-            body = orjson.dumps(self._api.session_limits()) if method == "getSessionLimits" else None
+            body = None
+            if method == "getSessionLimits":  # here, not through the hub: the answer goes out in this write
+                self._api.metrics.client_rpc.labels(result="local").inc()
+                body = orjson.dumps(self._api.session_limits())
             self._session.publish(topic, body or json_error(f"unsupported client-side RPC method: {method}"))
         else:  # to the backend; the answer (or {"error":"timeout"}) goes out on the response topic
             assert self._device is not None
@@ -520,8 +525,11 @@ class MqttConnection(asyncio.Protocol):
 
     def _rpc_response(self, packet: Publish, target: Target, now: float) -> None:
         """The device's reply to a server-side RPC (spec §1.8); acknowledged even when nothing waits for it."""
+        if target.request_id < 0:  # as for every request id (docs/mqtt.md): an invalid payload
+            self._refuse_payload(packet, now, f"{packet.topic[:128]}: the request id must be a decimal integer")
+            return
         hub = self._api.downlink
-        if hub is None or target.request_id < 0 or self._device is None:
+        if hub is None or self._device is None:
             log.debug("MQTT RPC response on %s matches no request", packet.topic[:128])
         elif not hub.rpc_replied(self._device.id, target.request_id, packet.payload):
             log.debug("MQTT RPC response on %s matches no pending request", packet.topic[:128])
@@ -669,8 +677,10 @@ class MqttConnection(asyncio.Protocol):
         self._timer = None
         if self._transport is None:
             return
-        if self._paused and self._session.state is State.CONNECTED:
-            # we are the ones not reading: the client's PINGREQs may be waiting in the socket
+        if self._paused & ~WRITE and self._session.state is State.CONNECTED:
+            # we are the ones not reading: the client's PINGREQs may be waiting in the socket. Not when the
+            # only reason is the client not reading our answers: then its keep-alive runs (else it would
+            # hold its session for as long as TCP keeps the connection)
             self._session.touch(self._loop.time())
         elif self._session.handle_timer(self._loop.time()):
             log.debug("MQTT connection closed: no CONNECT or keep-alive expired")

@@ -25,7 +25,7 @@ from __future__ import annotations
 import enum
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from tb_gateway.mqtt.codec import DecodeError, Decoder, encode, puback, pubacks, varint
@@ -95,7 +95,12 @@ class ConnectionTerminated:
     reason_code: int  # MQTT 5 reason (also used for 3.x, where it is only logged)
     detail: str
     by_peer: bool = False
+    # what the peer did wrong, when it ended the session (counted by the adapter as a refusal reason):
+    # "malformed", "too_large", "protocol_error", "qos_not_supported", "too_many_packets"; "" otherwise
+    refusal: str = field(default="", compare=False)
 
+
+_PROTOCOL = "protocol_error"
 
 Event = ConnectReceived | Publish | Subscribed | Unsubscribed | PubAckReceived | ConnectionTerminated
 
@@ -157,8 +162,10 @@ class Session:
             if self._stopped():
                 return events
             # ThingsBoard answers an oversize packet like a malformed one (spec §1.1)
-            code = Reason.MALFORMED_PACKET if exc.reason_code == Reason.PACKET_TOO_LARGE else exc.reason_code
-            events.append(self._terminate(code, str(exc)))
+            too_large = exc.reason_code == Reason.PACKET_TOO_LARGE
+            code = Reason.MALFORMED_PACKET if too_large else exc.reason_code
+            refusal = "too_large" if too_large else "malformed" if code == Reason.MALFORMED_PACKET else "protocol_error"
+            events.append(self._terminate(code, str(exc), refusal))
             return events
         return self._handle_all(packets)
 
@@ -167,7 +174,13 @@ class Session:
         connected = State.CONNECTED
         for packet in packets:
             # the hot path: a plain QoS 1 PUBLISH on a live session is its own event
-            if type(packet) is Publish and packet.qos == 1 and not packet.properties and self.state is connected:
+            if (
+                type(packet) is Publish
+                and packet.qos == 1
+                and not packet.properties
+                and packet.topic  # an empty one is refused by _checked_publish
+                and self.state is connected
+            ):
                 self.inflight += 1
                 events.append(packet)
                 continue
@@ -183,17 +196,17 @@ class Session:
         if self.state is State.CONNECTED:
             handler = _CONNECTED_HANDLERS.get(type(packet))
             if handler is None:
-                return [self._terminate(Reason.PROTOCOL_ERROR, f"unexpected {type(packet).__name__}")]
+                return [self._terminate(Reason.PROTOCOL_ERROR, f"unexpected {type(packet).__name__}", _PROTOCOL)]
             return handler(self, packet)
         if self.state is State.AWAITING_CONNECT:
             if type(packet) is not Connect:
-                return [self._terminate(Reason.PROTOCOL_ERROR, "first packet is not CONNECT")]
+                return [self._terminate(Reason.PROTOCOL_ERROR, "first packet is not CONNECT", _PROTOCOL)]
             return self._connect(packet)
         # AUTHENTICATING: hold everything until the CONNECT is answered
         if type(packet) is Connect:
-            return [self._terminate(Reason.PROTOCOL_ERROR, "second CONNECT")]
+            return [self._terminate(Reason.PROTOCOL_ERROR, "second CONNECT", _PROTOCOL)]
         if len(self._queued) >= self.limits.max_queued:
-            return [self._terminate(Reason.QUOTA_EXCEEDED, "too many packets before CONNACK")]
+            return [self._terminate(Reason.QUOTA_EXCEEDED, "too many packets before CONNACK", "too_many_packets")]
         self._queued.append(packet)
         return []
 
@@ -207,6 +220,10 @@ class Session:
             if 0x15 in packet.properties:  # enhanced authentication: not offered (no AUTH exchange)
                 self.refuse(ConnackV3.NOT_AUTHORIZED, Reason.BAD_AUTHENTICATION_METHOD)
                 return [self._terminated(Reason.BAD_AUTHENTICATION_METHOD, "authentication method given")]
+            for prop, name in ((0x21, "Receive Maximum"), (0x27, "Maximum Packet Size")):
+                if packet.properties.get(prop, 1) == 0:  # MQTT 5 §3.1.2.11.3-4: a Protocol Error
+                    self.refuse(ConnackV3.NOT_AUTHORIZED, Reason.PROTOCOL_ERROR)
+                    return [self._terminated(Reason.PROTOCOL_ERROR, f"{name} of 0", _PROTOCOL)]
             self.client_max_packet = packet.properties.get(0x27)
         self.state = State.AUTHENTICATING
         return [ConnectReceived(packet)]
@@ -216,18 +233,18 @@ class Session:
             self.inflight += 1
             return [packet]
         if packet.qos == 2:
-            return [self._terminate(Reason.QOS_NOT_SUPPORTED, "QoS 2 is not supported")]
+            return [self._terminate(Reason.QOS_NOT_SUPPORTED, "QoS 2 is not supported", "qos_not_supported")]
         if packet.properties and 0x23 in packet.properties:
-            return [self._terminate(Reason.TOPIC_ALIAS_INVALID, "topic aliases are not supported")]
+            return [self._terminate(Reason.TOPIC_ALIAS_INVALID, "topic aliases are not supported", _PROTOCOL)]
         if not packet.topic:
-            return [self._terminate(Reason.PROTOCOL_ERROR, "PUBLISH without a topic")]
+            return [self._terminate(Reason.PROTOCOL_ERROR, "PUBLISH without a topic", _PROTOCOL)]
         return [packet]
 
     def _checked_publish(self, packet: Publish) -> list[Event]:
         if packet.properties and 0x23 in packet.properties:
-            return [self._terminate(Reason.TOPIC_ALIAS_INVALID, "topic aliases are not supported")]
+            return [self._terminate(Reason.TOPIC_ALIAS_INVALID, "topic aliases are not supported", _PROTOCOL)]
         if not packet.topic:
-            return [self._terminate(Reason.PROTOCOL_ERROR, "PUBLISH without a topic")]
+            return [self._terminate(Reason.PROTOCOL_ERROR, "PUBLISH without a topic", _PROTOCOL)]
         return self._publish(packet)
 
     def _subscribe(self, packet: Subscribe) -> list[Event]:
@@ -265,7 +282,7 @@ class Session:
         return [ConnectionTerminated(packet.reason_code, "client disconnected", by_peer=True)]
 
     def _auth(self, packet: Auth) -> list[Event]:
-        return [self._terminate(Reason.PROTOCOL_ERROR, "AUTH without an authentication method")]
+        return [self._terminate(Reason.PROTOCOL_ERROR, "AUTH without an authentication method", _PROTOCOL)]
 
     # --- commands from the adapter --------------------------------------------------------------------
 
@@ -373,21 +390,21 @@ class Session:
     def window_full(self) -> bool:
         return self.inflight >= self.limits.max_inflight
 
-    def _terminate(self, reason_code: int, detail: str) -> ConnectionTerminated:
+    def _terminate(self, reason_code: int, detail: str, refusal: str = "") -> ConnectionTerminated:
         """Queue the goodbye the peer's version allows (v5 DISCONNECT once connected) and stop."""
         if self.state is State.TERMINATED:
-            return ConnectionTerminated(reason_code, detail)
+            return ConnectionTerminated(reason_code, detail, refusal=refusal)
         if self.version == MQTT_5 and self.state is not State.AWAITING_CONNECT:
             if self.state is State.AUTHENTICATING:  # not yet answered: the goodbye is a refusing CONNACK
                 self._out.append(encode(ConnAck(_as_connack(reason_code)), MQTT_5))
             else:
                 self._out.append(encode(Disconnect(reason_code), MQTT_5))
-        return self._terminated(reason_code, detail)
+        return self._terminated(reason_code, detail, refusal)
 
-    def _terminated(self, reason_code: int, detail: str) -> ConnectionTerminated:
+    def _terminated(self, reason_code: int, detail: str, refusal: str = "") -> ConnectionTerminated:
         self.state = State.TERMINATED
         self._queued.clear()
-        return ConnectionTerminated(reason_code, detail)
+        return ConnectionTerminated(reason_code, detail, refusal=refusal)
 
 
 _CONNECTED_HANDLERS: dict[type, Callable[[Session, Any], list[Event]]] = {
