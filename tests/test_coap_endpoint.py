@@ -28,8 +28,10 @@ from tb_gateway.coap.endpoint import (
     NotificationTimedOut,
     ObservationCancelled,
     RequestReceived,
+    RequestRefused,
     ResponseTimedOut,
 )
+from tb_gateway.coap.expiring import ExpiringMap
 
 PEER = ("192.0.2.1", 40000)
 PATH = ((Option.URI_PATH, b"api"), (Option.URI_PATH, b"v1"), (Option.URI_PATH, b"T"), (Option.URI_PATH, b"telemetry"))
@@ -54,6 +56,12 @@ def sent(ep: Endpoint) -> list[Message]:
 def only_request(events):
     assert len(events) == 1 and isinstance(events[0], RequestReceived)
     return events[0].exchange
+
+
+def refused(events) -> list[str]:
+    """The reasons of the endpoint's own refusals (the adapter counts them); nothing else may be reported."""
+    assert all(isinstance(event, RequestRefused) for event in events), events
+    return [event.reason for event in events]
 
 
 # ---------------------------------------------------------------- requests and responses
@@ -170,11 +178,43 @@ def test_malformed_con_gets_reset_everything_else_malformed_is_ignored():
 def test_unknown_critical_option_is_4_02_for_con_and_dropped_for_non_elective_is_ignored():
     ep = endpoint()
     options = (*PATH, (2001, b"x"))  # odd -> critical
-    assert ep.receive_datagram(request(options=options, mid=1), PEER, 0.0) == []
+    assert refused(ep.receive_datagram(request(options=options, mid=1), PEER, 0.0)) == ["bad_option"]
     assert sent(ep) == [Message(ACK, Code.BAD_OPTION, 1, b"tk")]
-    assert ep.receive_datagram(request(mtype=NON, options=options, mid=2), PEER, 0.0) == []
+    assert refused(ep.receive_datagram(request(mtype=NON, options=options, mid=2), PEER, 0.0)) == ["bad_option"]
     assert sent(ep) == []
     only_request(ep.receive_datagram(request(options=(*PATH, (2002, b"x")), mid=3), PEER, 0.0))
+
+
+@pytest.mark.parametrize(
+    ("options", "code", "reason"),
+    [
+        # RFC 7252 §5.4.5: a repeated non-repeatable critical option is unrecognized -> 4.02
+        (((Option.URI_PORT, b"\x16\x33"), (Option.URI_PORT, b"\x16\x34")), Code.BAD_OPTION, "bad_option"),
+        (((Option.URI_HOST, b"a"), (Option.URI_HOST, b"b")), Code.BAD_OPTION, "bad_option"),
+        (((Option.ACCEPT, b"\x32"), (Option.ACCEPT, b"\x32")), Code.BAD_OPTION, "bad_option"),
+        (((Option.BLOCK1, b"\x06"), (Option.BLOCK1, b"\x06")), Code.BAD_OPTION, "bad_option"),
+        # §5.7.2: no proxying here
+        (((Option.PROXY_URI, b"coap://elsewhere/x"),), Code.PROXYING_NOT_SUPPORTED, "proxying_not_supported"),
+        (((Option.PROXY_SCHEME, b"coap"),), Code.PROXYING_NOT_SUPPORTED, "proxying_not_supported"),
+        # RFC 7959 §2.2: SZX 7 is 4.00; a block value over 3 bytes is outside its length range (§5.4.3)
+        (((Option.BLOCK1, b"\x07"),), Code.BAD_REQUEST, "bad_request"),
+        (((Option.BLOCK2, b"\x07"),), Code.BAD_REQUEST, "bad_request"),
+        (((Option.BLOCK2, b"\x00\x00\x00\x06"),), Code.BAD_OPTION, "bad_option"),
+    ],
+)
+def test_option_rules_repeated_critical_proxy_and_block_szx_7(options, code, reason):
+    ep = endpoint()
+    assert refused(ep.receive_datagram(request(options=(*PATH, *options)), PEER, 0.0)) == [reason]
+    assert [(m.type, m.code) for m in sent(ep)] == [(ACK, code)]
+    assert ep.stats()["block_transfers"] == 0
+
+
+def test_a_repeated_elective_option_is_ignored_after_its_first_occurrence():
+    ep = endpoint()
+    json, text = encode_uint(50), encode_uint(0)
+    options = (*PATH, (Option.CONTENT_FORMAT, json), (Option.CONTENT_FORMAT, text), (Option.SIZE1, b"\x01"))
+    exchange = only_request(ep.receive_datagram(request(options=(*options, (Option.SIZE1, b"\x02"))), PEER, 0.0))
+    assert exchange.uint_option(Option.CONTENT_FORMAT) == 50 and exchange.uint_option(Option.SIZE1) == 1
 
 
 def test_dedup_entries_expire_after_exchange_lifetime():
@@ -187,6 +227,37 @@ def test_dedup_entries_expire_after_exchange_lifetime():
     ep.handle_timer(248.0)
     assert ep.stats()["exchanges"] == 0
     only_request(ep.receive_datagram(request(mid=3), PEER, 248.5))  # a new exchange now
+
+
+def test_a_non_after_a_con_is_remembered_for_non_lifetime_not_exchange_lifetime():
+    ep = endpoint(housekeeping_s=1.0)
+    con = only_request(ep.receive_datagram(request(mid=1), PEER, 0.0))
+    ep.respond(con, 0.0, Code.CREATED)
+    non = only_request(ep.receive_datagram(request(mtype=NON, mid=2), PEER, 1.0))
+    ep.respond(non, 1.0, Code.CREATED)
+    sent(ep)
+    ep.handle_timer(146.5)  # the NON's 145 s are over, the CON's 247 s are not
+    assert ep.stats()["exchanges"] == 1
+    only_request(ep.receive_datagram(request(mtype=NON, mid=2), PEER, 146.6))  # a new message, not a duplicate
+    assert ep.receive_datagram(request(mid=1), PEER, 146.7) == []  # the CON is still a duplicate
+    assert sent(ep) == [Message(ACK, Code.CREATED, 1, b"tk")]
+
+
+def test_expiring_map_keeps_each_lifetime_and_drops_the_first_to_expire_at_its_cap():
+    table: ExpiringMap[str, int] = ExpiringMap(2)
+    table.put("long", 1, 0.0, 247.0)
+    table.put("short", 2, 1.0, 145.0)
+    table.expire(146.0)
+    assert (table.get("long"), table.get("short")) == (1, None)
+    table.put("short", 3, 150.0, 145.0)
+    table.put("third", 4, 151.0, 247.0)  # at the cap: "long" expires first (247 < 295)
+    assert (table.get("long"), table.get("short"), table.get("third")) == (None, 3, 4)
+    for i in range(100):  # overwrites leave stale queue entries; the queues are compacted
+        table.put("short", i, 152.0 + i, 145.0)
+    assert len(table) == 2 and table.get("short") == 99
+    assert sum(len(queue) for queue in table._queues.values()) <= 5
+    table.expire(1000.0)
+    assert len(table) == 0
 
 
 def test_memory_is_bounded_under_a_flood_of_message_ids_tokens_and_addresses():
@@ -258,25 +329,27 @@ def test_block1_retransmitted_block_is_answered_from_the_dedup_cache():
 
 def test_block1_errors_out_of_order_wrong_size_too_large():
     ep = endpoint(max_body_bytes=300)
-    assert ep.receive_datagram(block_request(1, True, b"a" * 128, 1), PEER, 0.0) == []
+    assert refused(ep.receive_datagram(block_request(1, True, b"a" * 128, 1), PEER, 0.0)) == ["incomplete"]
     assert sent(ep)[0].code == Code.REQUEST_ENTITY_INCOMPLETE
-    ep.receive_datagram(block_request(0, True, b"a" * 100, 2), PEER, 0.0)  # non-final block of the wrong size
+    wrong_size = ep.receive_datagram(block_request(0, True, b"a" * 100, 2), PEER, 0.0)  # a non-final block
+    assert refused(wrong_size) == ["bad_request"]
     assert sent(ep)[0].code == Code.BAD_REQUEST
     for mid, num in ((3, 0), (4, 1)):
         ep.receive_datagram(block_request(num, True, b"a" * 128, mid), PEER, 0.0)
         assert sent(ep)[0].code == Code.CONTINUE
-    ep.receive_datagram(block_request(2, True, b"a" * 128, 5), PEER, 0.0)
+    assert refused(ep.receive_datagram(block_request(2, True, b"a" * 128, 5), PEER, 0.0)) == ["too_large"]
     [too_large] = sent(ep)
     assert too_large.code == Code.REQUEST_ENTITY_TOO_LARGE
     assert decode_uint(too_large.option(Option.SIZE1)) == 300
     assert ep.stats()["block_transfers"] == 0
     # Size1 announcing too much is refused on the first block
-    ep.receive_datagram(block_request(0, True, b"a" * 128, 6, extra=((Option.SIZE1, encode_uint(5000)),)), PEER, 0.0)
+    announced = block_request(0, True, b"a" * 128, 6, extra=((Option.SIZE1, encode_uint(5000)),))
+    assert refused(ep.receive_datagram(announced, PEER, 0.0)) == ["too_large"]
     assert sent(ep)[0].code == Code.REQUEST_ENTITY_TOO_LARGE
-    # a BERT block option is a bad option
+    # a BERT block size is a bad request (RFC 7959 §2.2)
     options = (*PATH, (Option.BLOCK1, b"\x0f"))
-    ep.receive_datagram(request(mid=7, options=options), PEER, 0.0)
-    assert sent(ep)[0].code == Code.BAD_OPTION
+    assert refused(ep.receive_datagram(request(mid=7, options=options), PEER, 0.0)) == ["bad_request"]
+    assert sent(ep)[0].code == Code.BAD_REQUEST
 
 
 def test_abandoned_block1_transfer_expires():
@@ -298,12 +371,74 @@ def test_block2_slices_a_large_response_and_serves_the_block_asked_for():
     assert first.payload == body[:1024]
     assert Block.decode(first.option(Option.BLOCK2)) == Block(0, True, 6)
     assert decode_uint(first.option(Option.SIZE2)) == 2560
+    # another client (no body kept for it) asks for block 2: the application answers, the endpoint slices
+    other = ("192.0.2.2", 40000)
     options = (*PATH, (Option.BLOCK2, Block(2, False, 6).encode()))
-    exchange = only_request(ep.receive_datagram(request(mid=2, code=Code.GET, options=options, payload=b""), PEER, 0.1))
+    exchange = only_request(
+        ep.receive_datagram(request(mid=2, code=Code.GET, options=options, payload=b""), other, 0.1)
+    )
     ep.respond(exchange, 0.1, Code.CONTENT, body)
     [last] = sent(ep)
     assert last.payload == body[2048:]
     assert Block.decode(last.option(Option.BLOCK2)) == Block(2, False, 6)
+
+
+def test_later_blocks_come_from_the_body_sent_in_block_0_with_its_etag():
+    """RFC 7959 §2.4: the representation may change between block requests; the client must get the blocks of
+    one body, with an ETag to tell a newer one."""
+    ep = endpoint(block_lifetime_s=60.0, housekeeping_s=1.0)
+    body = b"a" * 1024 + b"b" * 100
+    exchange = only_request(ep.receive_datagram(request(code=Code.GET, payload=b""), PEER, 0.0))
+    ep.respond(exchange, 0.0, Code.CONTENT, body, ((Option.CONTENT_FORMAT, encode_uint(50)),))
+    [first] = sent(ep)
+    etag = first.option(Option.ETAG)
+    assert etag is not None and first.payload == body[:1024]
+    options = (*PATH, (Option.BLOCK2, Block(1, False, 6).encode()))
+    assert ep.receive_datagram(request(mid=2, code=Code.GET, options=options, payload=b""), PEER, 1.0) == []
+    [second] = sent(ep)
+    assert (second.code, second.payload, second.option(Option.ETAG)) == (Code.CONTENT, b"b" * 100, etag)
+    assert Block.decode(second.option(Option.BLOCK2)) == Block(1, False, 6)
+    assert decode_uint(second.option(Option.CONTENT_FORMAT)) == 50
+    ep.handle_timer(61.5)  # kept for block_lifetime_s, then the application is asked again
+    assert ep.stats()["kept_bodies"] == 0
+    only_request(ep.receive_datagram(request(mid=3, code=Code.GET, options=options, payload=b""), PEER, 62.0))
+
+
+def test_a_large_notification_goes_out_as_block_0_and_the_rest_from_the_same_body():
+    """RFC 7959 §3.4 / RFC 7641 §3.4: the registration response and each notification are sent in blocks;
+    the client GETs the later blocks without Observe."""
+    ep = endpoint()
+    options = ((Option.OBSERVE, b""), (Option.URI_PATH, b"attributes"))
+    get = request(code=Code.GET, token=b"\x4a", options=options, payload=b"")
+    exchange = only_request(ep.receive_datagram(get, PEER, 0.0))
+    observation = ep.observe(exchange)
+    assert observation is not None
+    snapshot = b'{"k":"' + b"s" * 1500 + b'"}'
+    ep.respond(exchange, 0.0, Code.CONTENT, snapshot)
+    [response] = sent(ep)
+    assert response.option(Option.OBSERVE) is not None and response.payload == snapshot[:1024]
+    follow = ((Option.URI_PATH, b"attributes"), (Option.BLOCK2, Block(1, False, 6).encode()))
+    assert (
+        ep.receive_datagram(request(code=Code.GET, mid=2, token=b"\x4b", options=follow, payload=b""), PEER, 0.1) == []
+    )
+    [rest] = sent(ep)
+    assert response.payload + rest.payload == snapshot and rest.option(Option.OBSERVE) is None
+    assert rest.option(Option.ETAG) == response.option(Option.ETAG)
+    update = b'{"k":"' + b"u" * 70_000 + b'"}'  # over 64 KiB: could never go out in one datagram
+    ep.notify(observation, 1.0, Code.CONTENT, update)
+    [notification] = sent(ep)
+    assert len(notification.payload) == 1024 and notification.option(Option.OBSERVE) is not None
+    assert decode_uint(notification.option(Option.SIZE2)) == len(update)
+    assert notification.option(Option.ETAG) != response.option(Option.ETAG)
+    body, num, more = notification.payload, 1, True
+    while more:
+        follow = ((Option.URI_PATH, b"attributes"), (Option.BLOCK2, Block(num, False, 6).encode()))
+        ep.receive_datagram(request(code=Code.GET, mid=10 + num, options=follow, payload=b""), PEER, 1.1)
+        [block] = sent(ep)
+        assert block.option(Option.ETAG) == notification.option(Option.ETAG)
+        body += block.payload
+        more, num = Block.decode(block.option(Option.BLOCK2)).more, num + 1
+    assert body == update
 
 
 # ---------------------------------------------------------------- Observe
@@ -371,6 +506,51 @@ def test_get_with_observe_1_deregisters_and_is_still_a_request():
     assert events[0] == ObservationCancelled(observation, "deregistered")
     assert isinstance(events[1], RequestReceived) and events[1].exchange.observe == 1
     assert list(ep.observations()) == []
+
+
+def test_observe_1_is_read_as_a_uint_so_a_non_minimal_0x0001_deregisters_too():
+    ep = endpoint()
+    observation, _ = register(ep)
+    options = ((Option.OBSERVE, b"\x00\x01"), (Option.URI_PATH, b"temperature"))
+    events = ep.receive_datagram(request(code=Code.GET, mid=9, token=b"\x4a", options=options, payload=b""), PEER, 5.0)
+    assert events[0] == ObservationCancelled(observation, "deregistered")
+    assert not observation.active and list(ep.observations()) == []
+
+
+def test_deregistration_refused_for_an_unknown_critical_option_leaves_the_observation():
+    """RFC 7252 §5.4.1: the request is rejected, so it has no effect (the adapter would never hear of it)."""
+    ep = endpoint()
+    observation, _ = register(ep)
+    options = ((Option.OBSERVE, b"\x01"), (Option.URI_PATH, b"temperature"), (9, b""))
+    events = ep.receive_datagram(request(code=Code.GET, mid=9, token=b"\x4a", options=options, payload=b""), PEER, 5.0)
+    assert refused(events) == ["bad_option"]
+    assert [m.code for m in sent(ep)] == [Code.BAD_OPTION]
+    assert observation.active and list(ep.observations()) == [observation]
+
+
+def test_reset_of_a_non_registration_response_deregisters():
+    """RFC 7641 §3.6: the registration response counts as a notification."""
+    ep = endpoint()
+    observation, [response] = register(ep, mtype=NON)
+    assert response.type == NON and response.option(Option.OBSERVE) is not None
+    events = ep.receive_datagram(encode(Message(RST, Code.EMPTY, response.mid)), PEER, 0.5)
+    assert events == [ObservationCancelled(observation, "reset")]
+    assert not observation.active
+
+
+def test_reset_of_a_separate_registration_response_deregisters():
+    ep = endpoint()
+    options = ((Option.OBSERVE, b""), (Option.URI_PATH, b"temperature"))
+    get = request(code=Code.GET, token=b"\x4a", options=options, payload=b"")
+    exchange = only_request(ep.receive_datagram(get, PEER, 0.0))
+    ep.handle_timer(1.0)  # the piggyback window is over: empty ACK now, the response later as a CON
+    observation = ep.observe(exchange)
+    assert observation is not None
+    ep.respond(exchange, 1.0, Code.CONTENT, b"v")
+    [_, response] = sent(ep)
+    assert response.type == CON
+    events = ep.receive_datagram(encode(Message(RST, Code.EMPTY, response.mid)), PEER, 1.5)
+    assert events == [ObservationCancelled(observation, "reset")]
 
 
 def test_con_notification_is_retransmitted_then_times_out_and_cancels():

@@ -31,9 +31,11 @@ from tb_gateway.coap.codec import (
     decode,
     decode_uint,
     encode,
+    encode_uint,
 )
 from tb_gateway.coap.endpoint import EndpointConfig
 from tb_gateway.coap.server import CoapServer
+from tb_gateway.downlink.hub import Downlink
 from tb_gateway.errors import CredentialsUnavailable
 from tb_gateway.records import RecordKind
 from tb_gateway.sinks.base import Outcome
@@ -102,10 +104,15 @@ async def serving(
     sink: MemorySink | None = None,
     config: EndpointConfig | None = None,
     max_pending: int = 10_000,
+    downlink: bool = False,
     **settings: Any,
 ) -> AsyncIterator[tuple[Any, CoapServer, Client, MemorySink]]:
     sink = sink or MemorySink()
     api = make_api(tmp_path, sink, {TOKEN: "thermostat-1", "T2": "meter-2"}, **settings)
+    if downlink:  # RPC and shared attributes (coap/downlink.py), as app.py wires them
+        api.downlink = Downlink(
+            api.attributes, api.metrics, submit=api.pipeline.submit, session_limits=api.session_limits, instance="t"
+        )
     server = CoapServer(api, host="127.0.0.1", port=0, config=config, max_pending=max_pending)
     pipeline = asyncio.create_task(api.pipeline.run())
     await server.start()
@@ -254,6 +261,8 @@ def test_error_answers(tmp_path: Path) -> None:
         ("unknown feature", Code.POST, path("api", "v1", TOKEN, "nonsense"), b"{}", Code.BAD_REQUEST),
         ("no feature", Code.POST, path("api", "v1", TOKEN), b"{}", Code.BAD_REQUEST),
         ("no path", Code.POST, (), b"{}", Code.NOT_FOUND),
+        ("no token (spec §4: 4.01)", Code.POST, path("api", "v1", "telemetry"), b"{}", Code.UNAUTHORIZED),
+        ("no token, GET", Code.GET, path("api", "v1", "attributes"), b"", Code.UNAUTHORIZED),
     ]
 
     async def main() -> None:
@@ -263,7 +272,76 @@ def test_error_answers(tmp_path: Path) -> None:
                 reply = await client.recv()
                 assert (reply.code, reply.mid, reply.type) == (expected, sent.mid, ACK), name
             assert sink.records == []
-            assert api.metrics.auth_failures.labels(transport="coap")._value.get() == 1
+            assert api.metrics.auth_failures.labels(transport="coap")._value.get() == 3
+
+    run(main())
+
+
+def refusals(api: Any) -> dict[str, float]:
+    return {
+        sample.labels["reason"]: sample.value
+        for metric in api.metrics.refusals.collect()
+        for sample in metric.samples
+        if sample.name.endswith("_total") and sample.labels["transport"] == "coap"
+    }
+
+
+def test_every_refusal_is_counted_with_its_reason(tmp_path: Path) -> None:
+    block = Block(0, True, 6).encode()
+    cases = [
+        (Code.POST, path("foo"), b"{}", Code.NOT_FOUND, "not_found"),
+        (Code.POST, path("api", "v1", TOKEN, "nonsense"), b"{}", Code.BAD_REQUEST, "bad_request"),
+        (Code.PUT, TELEMETRY, b"{}", Code.METHOD_NOT_ALLOWED, "method_not_allowed"),
+        (Code.POST, (*TELEMETRY, (9, b"")), b"{}", Code.BAD_OPTION, "bad_option"),
+        (Code.POST, (*TELEMETRY, (Option.PROXY_URI, b"coap://x/")), b"{}", Code.PROXYING_NOT_SUPPORTED, None),
+        (
+            Code.POST,
+            (*TELEMETRY, (Option.BLOCK1, Block(1, True, 6).encode())),
+            b"x" * 1024,
+            Code.REQUEST_ENTITY_INCOMPLETE,
+            "incomplete",
+        ),
+        (Code.POST, (*TELEMETRY, (Option.BLOCK1, block)), b"x" * 100, Code.BAD_REQUEST, "bad_request"),
+        (
+            Code.POST,
+            (*TELEMETRY, (Option.BLOCK1, block), (Option.SIZE1, encode_uint(10**6))),
+            b"x" * 1024,
+            Code.REQUEST_ENTITY_TOO_LARGE,
+            "too_large",
+        ),
+        (Code.GET, (*ATTRIBUTES, (Option.ACCEPT, encode_uint(60))), b"", Code.NOT_ACCEPTABLE, "not_acceptable"),
+        (Code.GET, ATTRIBUTES, b"", Code.NOT_FOUND, "not_found"),  # nothing found
+        (Code.POST, TELEMETRY, b"{not json", Code.BAD_REQUEST, "bad_payload"),
+    ]
+
+    async def main() -> None:
+        async with serving(tmp_path) as (api, _, client, sink):
+            expected: dict[str, float] = {"proxying_not_supported": 1}
+            for method, options, payload, code, reason in cases:
+                sent = client.request(method, options, payload)
+                reply = await client.recv()
+                assert (reply.mid, reply.code) == (sent.mid, code), (options, reason)
+                if reason is not None:
+                    expected[reason] = expected.get(reason, 0) + 1
+            assert refusals(api) == expected
+            assert sink.records == []
+
+    run(main())
+
+
+def test_content_answers_are_json_only_an_other_accept_is_4_06(tmp_path: Path) -> None:
+    """RFC 7252 §5.10.4; only JSON (50) is produced, so text/plain (0) and CBOR (60) are not acceptable."""
+
+    async def main() -> None:
+        async with serving(tmp_path) as (api, _, client, _):
+            api.attributes.update("id-thermostat-1", "shared", {"interval": 5})
+            for accept, code in ((0, Code.NOT_ACCEPTABLE), (60, Code.NOT_ACCEPTABLE), (50, Code.CONTENT)):
+                client.request(Code.GET, (*ATTRIBUTES, (Option.ACCEPT, encode_uint(accept))), b"")
+                assert (await client.recv()).code == code, accept
+            client.request(Code.GET, ATTRIBUTES, b"")  # no Accept: JSON
+            assert (await client.recv()).code == Code.CONTENT
+            client.request(Code.POST, (*TELEMETRY, (Option.ACCEPT, encode_uint(0))))  # 2.01 has no content
+            assert (await client.recv()).code == Code.CREATED
 
     run(main())
 
@@ -638,5 +716,57 @@ def test_too_many_unanswered_requests_are_refused_with_5_03(tmp_path: Path) -> N
             sink.gate.set()
             assert {(await client.recv()).mid for _ in range(2)} == {first.mid, second.mid}
             assert server.pending == 0
+
+    run(main())
+
+
+# ---------------------------------------------------------------- downlink (in process)
+
+RPC = path("api", "v1", TOKEN, "rpc")
+
+
+def subscriptions(api: Any, feature: str) -> float:
+    return api.metrics.registry.get_sample_value("tb_gateway_downlink_subscriptions", {"feature": feature})
+
+
+def test_deregistration_refused_for_a_bad_option_keeps_the_session_and_its_notifications(tmp_path: Path) -> None:
+    """RFC 7252 §5.4.1: a 4.02 request has no effect; the hub and the endpoint keep agreeing."""
+
+    async def main() -> None:
+        async with serving(tmp_path, downlink=True) as (api, server, client, _):
+            register = Message(CON, Code.GET, 1, b"oA", ((Option.OBSERVE, b""), *RPC))
+            client.send(register)
+            assert (await client.recv()).code == Code.VALID
+            assert subscriptions(api, "rpc") == 1
+            client.send(Message(CON, Code.GET, 2, b"oA", ((Option.OBSERVE, b"\x01"), *RPC, (9, b""))))
+            assert (await client.recv()).code == Code.BAD_OPTION
+            assert subscriptions(api, "rpc") == 1 and len(list(server.endpoint.observations())) == 1
+            assert api.downlink is not None
+            api.downlink.send_rpc("id-thermostat-1", "ping", {})
+            notification = await client.recv()
+            assert notification.token == b"oA" and orjson.loads(notification.payload)["method"] == "ping"
+            client.send(Message(ACK, Code.EMPTY, notification.mid))
+            client.send(Message(CON, Code.GET, 3, b"oA", ((Option.OBSERVE, b"\x00\x01"), *RPC)))  # uint 1
+            assert (await client.recv()).code == Code.DELETED
+            assert subscriptions(api, "rpc") == 0 and list(server.endpoint.observations()) == []
+
+    run(main())
+
+
+def test_a_registration_beyond_the_observer_cap_is_answered_without_observe(tmp_path: Path) -> None:
+    """RFC 7641 §4.1 (docs/coap.md Limits): not registered, and the client can tell."""
+
+    async def main() -> None:
+        config = EndpointConfig(max_observations=1)
+        async with serving(tmp_path, config=config, downlink=True) as (api, server, client, _):
+            api.attributes.update("id-thermostat-1", "shared", {"interval": 5})
+            client.send(Message(CON, Code.GET, 1, b"r", ((Option.OBSERVE, b""), *RPC)))
+            assert (await client.recv()).option(Option.OBSERVE) is not None
+            client.send(Message(CON, Code.GET, 2, b"a", ((Option.OBSERVE, b""), *ATTRIBUTES)))
+            reply = await client.recv()
+            assert (reply.code, reply.option(Option.OBSERVE)) == (Code.CONTENT, None)
+            assert orjson.loads(reply.payload) == {"interval": 5}  # what the registration would have answered
+            assert subscriptions(api, "attributes") == 0 and len(list(server.endpoint.observations())) == 1
+            assert refusals(api) == {"max_observers": 1}
 
     run(main())

@@ -52,6 +52,7 @@ class Code:
     BAD_OPTION = code(4, 2)
     NOT_FOUND = code(4, 4)
     METHOD_NOT_ALLOWED = code(4, 5)
+    NOT_ACCEPTABLE = code(4, 6)
     REQUEST_ENTITY_INCOMPLETE = code(4, 8)
     REQUEST_ENTITY_TOO_LARGE = code(4, 13)
     UNSUPPORTED_CONTENT_FORMAT = code(4, 15)
@@ -59,6 +60,7 @@ class Code:
     INTERNAL_SERVER_ERROR = code(5, 0)
     NOT_IMPLEMENTED = code(5, 1)
     SERVICE_UNAVAILABLE = code(5, 3)
+    PROXYING_NOT_SUPPORTED = code(5, 5)
 
 
 class Option:

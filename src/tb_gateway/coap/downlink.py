@@ -81,13 +81,14 @@ class CoapDownlink:
             return
         if exchange.observe != 0:
             if feature is Feature.RPC:
-                server._answer(exchange, Code.BAD_REQUEST, b"GET rpc needs Observe")
+                server.refuse(exchange, device, Code.BAD_REQUEST, "bad_request", b"GET rpc needs Observe")
             else:
                 server.get_attributes(exchange, device)
             return
         observation = server.endpoint.observe(exchange)
-        if observation is None:  # the endpoint's observer limit: answered without Observe, not registered
-            server._answer(exchange, Code.SERVICE_UNAVAILABLE, options=server._retry_after)
+        if observation is None:  # the endpoint's observer cap: answered without Observe, not registered
+            server.api.refused(device, COAP, "max_observers")  # RFC 7641 §4.1
+            self._first_answer(exchange, device, feature)
             return
         old = self._by_device.get((device.id, feature))
         if old is not None and old.observation is not observation:
@@ -97,29 +98,36 @@ class CoapDownlink:
             session = CoapObservation(self, device, feature, observation)
             self._by_observation[observation] = session
             self._by_device[(device.id, feature)] = session
-        if feature is Feature.RPC:
-            server._answer(exchange, Code.VALID)
-        else:
-            server._answer(exchange, Code.CONTENT, orjson.dumps(hub.shared_snapshot(device.id)), _JSON)
+        self._first_answer(exchange, device, feature)
         hub.attach(session)
         hub.subscribe(session, feature)  # pending RPCs go out now, after the registration's answer
+
+    def _first_answer(self, exchange: Exchange, device: DeviceIdentity, feature: Feature) -> None:
+        """2.03 for rpc, every current shared attribute (flat) for attributes; with Observe if registered."""
+        if feature is Feature.RPC:
+            self._server._answer(exchange, Code.VALID)
+        else:
+            snapshot = orjson.dumps(self._hub.shared_snapshot(device.id))
+            self._server._answer(exchange, Code.CONTENT, snapshot, _JSON)
 
     def rpc_reply(self, exchange: Exchange, device: DeviceIdentity) -> None:
         self._hub.activity(device, COAP)
         try:
             rpc_id = int(exchange.path[4])
         except ValueError:
-            self._server._answer(exchange, Code.BAD_REQUEST, b"request id must be an integer")
+            self._server.refuse(exchange, device, Code.BAD_REQUEST, "bad_request", b"request id must be an integer")
             return
-        found = self._hub.rpc_replied(device.id, rpc_id, exchange.payload)
-        self._server._answer(exchange, Code.CREATED if found else Code.NOT_FOUND)
+        if self._hub.rpc_replied(device.id, rpc_id, exchange.payload):
+            self._server._answer(exchange, Code.CREATED)
+        else:
+            self._server.refuse(exchange, device, Code.NOT_FOUND, "not_found")
 
     def client_rpc(self, exchange: Exchange, device: DeviceIdentity) -> None:
         self._hub.activity(device, COAP)
         try:
             method, params = parse_request(parse_json(exchange.payload))
         except PayloadError as exc:
-            self._server._answer(exchange, Code.BAD_REQUEST, str(exc).encode()[:256])
+            self._server.refuse(exchange, device, Code.BAD_REQUEST, "bad_payload", str(exc).encode()[:256])
             return
         reply = self._hub.client_rpc(device, COAP, method, params)
         reply.add_done_callback(

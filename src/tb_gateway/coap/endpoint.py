@@ -74,6 +74,9 @@ KNOWN_OPTIONS = frozenset(
     }
 )
 _URI_OPTIONS = frozenset({Option.URI_HOST, Option.URI_PORT, Option.URI_PATH, Option.URI_QUERY})
+# Options a request may repeat (RFC 7252 §5.10); a second occurrence of any other is unrecognized (§5.4.5).
+_REPEATABLE = frozenset({Option.IF_MATCH, Option.ETAG, Option.URI_PATH, Option.URI_QUERY})
+_PROXY_OPTIONS = frozenset({Option.PROXY_URI, Option.PROXY_SCHEME})  # we are no proxy: 5.05 (§5.7.2)
 # Known options the endpoint itself does not act on: skipped first, as every request carries several.
 _PLAIN_OPTIONS = _URI_OPTIONS | {Option.CONTENT_FORMAT, Option.ACCEPT, Option.SIZE1}
 
@@ -150,7 +153,7 @@ class Exchange:
         self.deadline = 0.0
         self.reply: bytes | None = None  # what a duplicate of this request is answered with
         self.block1: Block | None = None  # the final block of a reassembled upload, echoed in the response
-        self.block2: bytes | None = None  # the Block2 option the client sent, if any
+        self.block2: Block | None = None  # the Block2 option the client sent, if any
         self.observation: Observation | None = None
 
     @property
@@ -185,6 +188,14 @@ class ObservationCancelled:
 
 
 @dataclass(frozen=True, slots=True)
+class RequestRefused:
+    """The endpoint refused a request itself (option or Block1 error), already answered: for the counters."""
+
+    exchange: Exchange
+    reason: str  # bad_option, bad_request, incomplete, too_large, proxying_not_supported
+
+
+@dataclass(frozen=True, slots=True)
 class NotificationAcknowledged:
     observation: Observation
     mid: int
@@ -205,7 +216,19 @@ class ResponseTimedOut:
 
 _request_received = constructor(RequestReceived)  # one per request: RequestReceived(...) without its frame
 
-Event = RequestReceived | ObservationCancelled | NotificationAcknowledged | NotificationTimedOut | ResponseTimedOut
+Event = (
+    RequestReceived
+    | RequestRefused
+    | ObservationCancelled
+    | NotificationAcknowledged
+    | NotificationTimedOut
+    | ResponseTimedOut
+)
+_BLOCK1_REASONS = {
+    Code.BAD_REQUEST: "bad_request",
+    Code.REQUEST_ENTITY_INCOMPLETE: "incomplete",
+    Code.REQUEST_ENTITY_TOO_LARGE: "too_large",
+}
 
 
 class _Outgoing:
@@ -243,6 +266,11 @@ class Endpoint:
         self._observations: dict[tuple[Address, bytes], Observation] = {}
         self._recent_non: ExpiringMap[tuple[Address, int], Observation] = ExpiringMap(config.max_observations)
         self._blocks = Reassembler(config.max_body_bytes, config.max_block_transfers, config.block_lifetime_s)
+        # (peer, path, query) -> (code, body, options) of the last answer or notification sent in blocks there,
+        # so its later blocks come from the same representation (RFC 7959 §2.4); bounded like Block1 uploads
+        self._bodies: ExpiringMap[tuple[Address, tuple[str, ...], tuple[str, ...]], tuple[int, bytes, Options]]
+        self._bodies = ExpiringMap(config.max_block_transfers)
+        self._etag = 0
         self._outbox: list[tuple[bytes, Address]] = []
         self._sweep_at = 0.0
         self._by_type: tuple[Callable[[Message, Address, float], list[Event]], ...] = (
@@ -280,55 +308,76 @@ class Endpoint:
             return []
         exchange = Exchange(addr, msg, now)
         cfg = self.config
-        self._seen.put(key, exchange, now + (cfg.exchange_lifetime_s if con else cfg.non_lifetime_s))
-        events: list[Event] = []
-        block1: bytes | None = None
+        self._seen.put(key, exchange, now, cfg.exchange_lifetime_s if con else cfg.non_lifetime_s)
+        # Every option is checked before anything changes: a refused request has no side effect (§5.4.1).
+        block1: Block | None = None
+        last = -1
         for number, value in msg.options:
+            if number == last and number not in _REPEATABLE:
+                if number & 1:
+                    return self._refuse(exchange, now, Code.BAD_OPTION, "bad_option")
+                continue  # a repeated elective option: only the first counts
+            last = number
             if number in _PLAIN_OPTIONS:
                 continue
-            if number & 1 and number not in KNOWN_OPTIONS:
-                if con:
-                    self.respond(exchange, now, Code.BAD_OPTION)
-                return []
-            if number == Option.BLOCK1:
-                block1 = value
-            elif number == Option.BLOCK2:
-                exchange.block2 = value
-            elif number == Option.OBSERVE and msg.code == Code.GET and value == b"\x01":
-                cancelled = self._observations.pop((addr, msg.token), None)
-                if cancelled is not None:
-                    cancelled.active = False
-                    events.append(ObservationCancelled(cancelled, "deregistered"))
-        if block1 is not None and not self._reassemble(exchange, block1, now):
-            return events
+            if number == Option.BLOCK1 or number == Option.BLOCK2:
+                block = _block(value)
+                if not isinstance(block, Block):
+                    return self._refuse(exchange, now, *block)
+                if number == Option.BLOCK1:
+                    block1 = block
+                else:
+                    exchange.block2 = block
+            elif number in _PROXY_OPTIONS:
+                return self._refuse(exchange, now, Code.PROXYING_NOT_SUPPORTED, "proxying_not_supported")
+            elif number & 1 and number not in KNOWN_OPTIONS:
+                return self._refuse(exchange, now, Code.BAD_OPTION, "bad_option")
+        if block1 is not None:
+            refused = self._reassemble(exchange, block1, now)
+            if refused is not None:
+                return refused
+        events: list[Event] = []
+        if msg.code == Code.GET and exchange.observe == 1:  # compared as a uint: 0x0001 is 1 (§3.2)
+            cancelled = self._observations.pop((addr, msg.token), None)
+            if cancelled is not None:
+                cancelled.active = False
+                events.append(ObservationCancelled(cancelled, "deregistered"))
+        block2 = exchange.block2
+        if block2 is not None and block2.num and msg.code == Code.GET and exchange.observe is None:
+            kept = self._bodies.get((addr, exchange.path, exchange.query))
+            if kept is not None:  # a later block of a body sent in blocks: from that same body
+                self.respond(exchange, now, *kept)
+                return events
         if con:
             exchange.deadline = now + cfg.piggyback_timeout_s
             self._piggyback.append(exchange)
         events.append(_request_received(exchange))
         return events
 
-    def _reassemble(self, exchange: Exchange, value: bytes, now: float) -> bool:
-        """Feed one Block1 block; True when the body is complete and the request goes to the application."""
-        try:
-            block = Block.decode(value)
-        except ValueError:
-            self.respond(exchange, now, Code.BAD_OPTION)
-            return False
+    def _refuse(self, exchange: Exchange, now: float, code: int, reason: str, options: Options = ()) -> list[Event]:
+        """Answer a request the endpoint refuses itself; a NON with a bad option is only dropped (§5.4.1)."""
+        if exchange.confirmable or code != Code.BAD_OPTION:
+            self.respond(exchange, now, code, options=options)
+        return [RequestRefused(exchange, reason)]
+
+    def _reassemble(self, exchange: Exchange, block: Block, now: float) -> list[Event] | None:
+        """Feed one Block1 block; None when the body is complete and the request goes to the application,
+        else the (already answered) block's events."""
         size1 = exchange.uint_option(Option.SIZE1)
         key = (exchange.addr, tuple(o for o in exchange.options if o[0] in _URI_OPTIONS))
         result = self._blocks.feed(key, block, exchange.payload, size1, now)
         if isinstance(result, bytes):
             exchange.payload = result
             exchange.block1 = block
-            return True
+            return None
         if result == Code.CONTINUE:
             szx = min(block.szx, self.config.block_szx)
             self.respond(exchange, now, Code.CONTINUE, options=((Option.BLOCK1, Block(block.num, True, szx).encode()),))
-        elif result == Code.REQUEST_ENTITY_TOO_LARGE:
-            self.respond(exchange, now, result, options=((Option.SIZE1, encode_uint(self.config.max_body_bytes)),))
-        else:
-            self.respond(exchange, now, result)
-        return False
+            return []
+        options: Options = ()
+        if result == Code.REQUEST_ENTITY_TOO_LARGE:
+            options = ((Option.SIZE1, encode_uint(self.config.max_body_bytes)),)
+        return self._refuse(exchange, now, result, _BLOCK1_REASONS[result], options)
 
     def _on_ack(self, msg: Message, addr: Address, now: float) -> list[Event]:
         if msg.code != Code.EMPTY:  # a piggybacked response: we never send requests
@@ -350,7 +399,8 @@ class Endpoint:
         out = self._outgoing.pop(key, None)
         if out is not None:
             out.done = True
-            observation = out.observation
+            # a Reset of a separate registration response ends the observation too (RFC 7641 §3.6)
+            observation = out.observation or (out.exchange.observation if out.exchange else None)
         else:
             observation = self._recent_non.pop(key)
         if observation is None or not observation.active:
@@ -364,13 +414,13 @@ class Endpoint:
         """Answer a request: piggybacked in the ACK if still in time, else separately (CON for a CON)."""
         if exchange.state == ANSWERED:
             raise ValueError("exchange already answered")
+        if payload and (exchange.block2 is not None or len(payload) > 16 << self.config.block_szx):
+            payload, options = self._block2(exchange, now, code, payload, options)
         if exchange.block1 is not None:
             block = exchange.block1
             options = (*options, (Option.BLOCK1, Block(block.num, False, block.szx).encode()))
         if exchange.observation is not None:
             options = (*options, (Option.OBSERVE, encode_uint(exchange.observation.seq)))
-        if payload and (exchange.block2 is not None or len(payload) > 16 << self.config.block_szx):
-            payload, options = self._block2(exchange, payload, options)
         addr = exchange.addr
         if exchange.confirmable and exchange.state == PENDING:
             if options or payload:
@@ -384,32 +434,42 @@ class Endpoint:
             datagram = encode(Message(CON, code, mid, exchange.token, options, payload))
             self._send_confirmable(addr, mid, datagram, now).exchange = exchange
         else:
-            datagram = encode(Message(NON, code, self._new_mid(), exchange.token, options, payload))
+            mid = self._new_mid()
+            datagram = encode(Message(NON, code, mid, exchange.token, options, payload))
+            if exchange.observation is not None:  # the registration response counts as a notification (§3.6)
+                self._recent_non.put((addr, mid), exchange.observation, now, self.config.non_lifetime_s)
         exchange.state = ANSWERED
         # duplicates get the piggybacked response, or the empty ACK of a separate one, or nothing (NON)
         self._seen.replace((addr, exchange.mid), exchange, exchange.reply or b"")
         self._outbox.append((datagram, addr))
 
-    def _block2(self, exchange: Exchange, payload: bytes, options: Options) -> tuple[bytes, Options]:
-        """Slice a response into the block the client asked for, or block 0 if it is too large for one."""
-        requested = None
-        if exchange.block2 is not None:
-            try:
-                requested = Block.decode(exchange.block2)
-            except ValueError:
-                requested = None
+    def _block2(
+        self, exchange: Exchange, now: float, code: int, payload: bytes, options: Options
+    ) -> tuple[bytes, Options]:
+        """Slice a response into the block the client asked for, or block 0 if it is too large for one. A GET
+        answer in blocks is kept, with an ETag, for the client's requests of the next blocks."""
+        requested = exchange.block2
         szx = self.config.block_szx if requested is None else min(requested.szx, self.config.block_szx)
-        size = 1 << (szx + 4)
-        if requested is None and len(payload) <= size:
+        if requested is None and len(payload) <= 16 << szx:
             return payload, options
-        num = 0 if requested is None else requested.num
-        start = num * size
-        chunk = payload[start : start + size]
-        more = start + size < len(payload)
-        extra = [(Option.BLOCK2, Block(num, more, szx).encode())]
-        if num == 0:
-            extra.append((Option.SIZE2, encode_uint(len(payload))))
-        return chunk, (*options, *extra)
+        if exchange.code == Code.GET and len(payload) > 16 << szx:
+            options = self._keep_body((exchange.addr, exchange.path, exchange.query), now, code, payload, options)
+        return _slice(payload, options, 0 if requested is None else requested.num, szx)
+
+    def _keep_body(
+        self,
+        key: tuple[Address, tuple[str, ...], tuple[str, ...]],
+        now: float,
+        code: int,
+        body: bytes,
+        options: Options,
+    ) -> Options:
+        """Remember a body sent in blocks; its ETag lets the client tell it from a newer one (RFC 7959 §2.4)."""
+        if not any(number == Option.ETAG for number, _ in options):
+            self._etag = (self._etag + 1) & 0xFFFFFFFF
+            options = (*options, (Option.ETAG, self._etag.to_bytes(4, "big")))
+        self._bodies.put(key, (code, body, options), now, self.config.block_lifetime_s)
+        return options
 
     def observe(self, exchange: Exchange) -> Observation | None:
         """Register the requester of a GET Observe=0 as observer; its response will carry Observe.
@@ -449,13 +509,17 @@ class Endpoint:
             return None
         observation.seq = (observation.seq + 1) & 0xFFFFFF
         mid = self._new_mid()
+        if len(payload) > 16 << self.config.block_szx:  # block 0; the client GETs the rest (RFC 7959 §3.4)
+            key = (observation.addr, observation.path, observation.query)
+            options = self._keep_body(key, now, code, payload, options)
+            payload, options = _slice(payload, options, 0, self.config.block_szx)
         options = ((Option.OBSERVE, encode_uint(observation.seq)), *options)
         datagram = encode(Message(CON if con else NON, code, mid, observation.token, options, payload))
         if con:
             self._send_confirmable(observation.addr, mid, datagram, now).observation = observation
             observation.in_flight += 1
         else:
-            self._recent_non.put((observation.addr, mid), observation, now + self.config.non_lifetime_s)
+            self._recent_non.put((observation.addr, mid), observation, now, self.config.non_lifetime_s)
         self._outbox.append((datagram, observation.addr))
         return mid
 
@@ -486,7 +550,7 @@ class Endpoint:
             when = piggyback[0].deadline
         if heap and (when is None or heap[0][0] < when):
             when = heap[0][0]
-        if (self._seen or self._blocks or self._recent_non) and (when is None or self._sweep_at < when):
+        if (self._seen or self._blocks or self._recent_non or self._bodies) and (when is None or self._sweep_at < when):
             when = self._sweep_at
         return when
 
@@ -537,6 +601,7 @@ class Endpoint:
         self._seen.expire(now)
         self._recent_non.expire(now)
         self._blocks.expire(now)
+        self._bodies.expire(now)
         self._sweep_at = now + self.config.housekeeping_s
 
     # ------------------------------------------------------------------ helpers
@@ -573,4 +638,26 @@ class Endpoint:
             "observations": len(self._observations),
             "recent_notifications": len(self._recent_non),
             "block_transfers": len(self._blocks),
+            "kept_bodies": len(self._bodies),
         }
+
+
+def _slice(payload: bytes, options: Options, num: int, szx: int) -> tuple[bytes, Options]:
+    """Block ``num`` of a body, with its Block2 option (and Size2 on the first)."""
+    size = 1 << (szx + 4)
+    start = num * size
+    extra = [(Option.BLOCK2, Block(num, start + size < len(payload), szx).encode())]
+    if num == 0:
+        extra.append((Option.SIZE2, encode_uint(len(payload))))
+    return payload[start : start + size], (*options, *extra)
+
+
+def _block(value: bytes) -> Block | tuple[int, str]:
+    """A Block1/Block2 value, or the refusal: over 3 bytes it is unrecognized (RFC 7252 §5.4.3, critical),
+    SZX 7 is 4.00 (RFC 7959 §2.2)."""
+    if len(value) > 3:
+        return Code.BAD_OPTION, "bad_option"
+    try:
+        return Block.decode(value)
+    except ValueError:
+        return Code.BAD_REQUEST, "bad_request"

@@ -18,7 +18,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Coroutine
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -35,6 +35,7 @@ from tb_gateway.coap.endpoint import (
     NotificationTimedOut,
     ObservationCancelled,
     RequestReceived,
+    RequestRefused,
     ResponseTimedOut,
 )
 from tb_gateway.coap.sockets import Datagrams, DatagramSocket, open_socket
@@ -65,6 +66,14 @@ OUTCOME_CODES = {
 }
 
 Handler = Callable[["CoapServer", Exchange, DeviceIdentity], None]
+
+
+class Refusal(NamedTuple):
+    """A request refused by its path, method and options alone; ``reason`` None is a missing token (4.01)."""
+
+    code: int
+    reason: str | None
+    payload: bytes = b""
 
 
 class CoapServer:
@@ -109,6 +118,7 @@ class CoapServer:
         self.downlink = CoapDownlink(self, api.downlink) if api.downlink is not None else None
         self._dispatch: dict[type, Callable[[Any], None]] = {
             RequestReceived: self._on_request,
+            RequestRefused: self._refused,
             ObservationCancelled: self.downlink.cancelled if self.downlink else self._ignore,
             NotificationAcknowledged: self.downlink.acknowledged if self.downlink else self._ignore,
             NotificationTimedOut: self._ignore,
@@ -193,6 +203,10 @@ class CoapServer:
     def _ignore(self, event: Event) -> None:
         pass
 
+    def _refused(self, event: RequestRefused) -> None:
+        """The endpoint refused (and answered) a request itself: bad option, Block1 error, proxying."""
+        self.api.refused(None, COAP, event.reason)
+
     # ------------------------------------------------------------------ ThingsBoard routes
 
     def _on_request(self, event: RequestReceived) -> None:
@@ -210,8 +224,8 @@ class CoapServer:
                 self._routes.clear()
             self._routes[key] = route
         handler, credentials = route
-        if credentials is None:  # a refusal decided by the path and method alone
-            self._answer(exchange, *handler)
+        if credentials is None:  # a refusal decided by the path, method and options alone
+            self._refuse_route(exchange, handler)
             return
         if len(exchange.payload) > self._max_payload:
             self.api.refused(None, COAP, "too_large")
@@ -231,6 +245,20 @@ class CoapServer:
             self._handle(exchange, handler, device)
         else:
             self._run_eagerly(self._serve(exchange, credentials, handler))
+
+    def _refuse_route(self, exchange: Exchange, refusal: Refusal) -> None:
+        if refusal.reason is None:  # no token at all: an authentication failure, like an unknown one
+            self.api.metrics.auth_failures.labels(transport=COAP.value).inc()
+        else:
+            self.api.refused(None, COAP, refusal.reason)
+        self._answer(exchange, refusal.code, refusal.payload)
+
+    def refuse(
+        self, exchange: Exchange, device: DeviceIdentity | None, code: int, reason: str, payload: bytes = b""
+    ) -> None:
+        """Answer a refusal decided by a handler, counted in tb_gateway_refusals_total."""
+        self.api.refused(device, COAP, reason)
+        self._answer(exchange, code, payload)
 
     def _address_blocked(self, exchange: Exchange, exc: AddressBlocked) -> None:
         """Brute-force protection: "too many", with how long (docs/scale-out.md)."""
@@ -314,7 +342,7 @@ class CoapServer:
                 keys[name] = [key.strip() for key in value.split(",") if key.strip()]
         found = self.api.attribute_request(device, keys["clientKeys"], keys["sharedKeys"])
         if not found:
-            self._answer(exchange, Code.NOT_FOUND)
+            self.refuse(exchange, device, Code.NOT_FOUND, "not_found")
         else:
             self._answer(exchange, Code.CONTENT, orjson.dumps(found), _JSON)
 
@@ -334,17 +362,32 @@ class CoapServer:
 
 
 def _route(exchange: Exchange) -> tuple[Any, AccessToken | None]:
-    """``(handler, credentials)`` for a device route, or ``((code, payload), None)`` for a refusal."""
+    """``(handler, credentials)`` for a device route, or ``(Refusal, None)``."""
     path = exchange.path
     if len(path) < 2 or path[0] != "api" or path[1] != "v1":
-        return (Code.NOT_FOUND,), None
+        return Refusal(Code.NOT_FOUND, "not_found"), None
+    if len(path) == 3 and path[2] in ROUTES:  # /api/v1/{feature}: the token is missing (spec §4: 4.01)
+        return Refusal(Code.UNAUTHORIZED, None), None
     methods = ROUTES.get(path[3]) if len(path) == 4 else RPC_REPLY if len(path) == 5 and path[3] == "rpc" else None
     if methods is None:
-        return (Code.BAD_REQUEST, b"unknown path"), None
+        return Refusal(Code.BAD_REQUEST, "bad_request", b"unknown path"), None
     handler = methods.get(exchange.code)
     if handler is None:  # ThingsBoard: a GET on a POST-only feature is 4.00, other methods 4.05
-        return (Code.BAD_REQUEST if exchange.code == Code.GET else Code.METHOD_NOT_ALLOWED,), None
+        if exchange.code == Code.GET:
+            return Refusal(Code.BAD_REQUEST, "bad_request"), None
+        return Refusal(Code.METHOD_NOT_ALLOWED, "method_not_allowed"), None
+    if not _accepts_json(exchange, path):
+        return Refusal(Code.NOT_ACCEPTABLE, "not_acceptable"), None
     return handler, AccessToken(path[2])
+
+
+def _accepts_json(exchange: Exchange, path: tuple[str, ...]) -> bool:
+    """Answers with content (GET, client RPC) are JSON only: an Accept naming anything else is 4.06 (RFC 7252
+    §5.10.4). ThingsBoard ignores Accept, but a client that asks for text/plain or CBOR cannot read JSON."""
+    if exchange.code != Code.GET and (len(path) != 4 or path[3] != "rpc"):
+        return True
+    accept = exchange.uint_option(Option.ACCEPT)
+    return accept is None or accept == ContentFormat.JSON
 
 
 def _max_age(wait_s: float) -> Options:
@@ -360,7 +403,7 @@ def _downlink(handle: Callable[[CoapDownlink, Exchange, DeviceIdentity], None]) 
 
     def route(server: CoapServer, exchange: Exchange, device: DeviceIdentity) -> None:
         if server.downlink is None:
-            server._answer(exchange, Code.NOT_FOUND)
+            server.refuse(exchange, device, Code.NOT_FOUND, "not_found")
         else:
             handle(server.downlink, exchange, device)
 
