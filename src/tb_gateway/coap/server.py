@@ -272,7 +272,7 @@ class CoapServer:
             self._address_blocked(exchange, exc)
             return
         except CredentialsUnavailable:
-            self.api.refused(None, COAP, "credentials_unavailable")
+            self.api.refused(None, COAP, "auth_unavailable")
             self._answer(exchange, Code.SERVICE_UNAVAILABLE, options=self._retry_after)
             return
         except Exception:
