@@ -13,6 +13,7 @@ from typing import Any
 import uvloop
 
 from tb_gateway.device_api import DeviceApi
+from tb_gateway.downlink.hub import Downlink
 from tb_gateway.http.server import HttpServer
 from tests.support import MemorySink, make_api
 
@@ -51,19 +52,30 @@ async def serving(
     sink: MemorySink | None = None,
     health: Callable[[], tuple[bool, dict[str, Any]]] | None = None,
     tokens: dict[str, str] | None = None,
+    downlink: bool = False,
     **settings: Any,
 ) -> AsyncIterator[Running]:
+    """``downlink``: with the downlink hub (long polls, RPC replies, client RPC), closed before the drain as
+    the app does."""
     sink = sink or MemorySink()
     settings.setdefault("batch_timeout", 0.01)
     api = make_api(tmp_path, sink, tokens, http_bind_address="127.0.0.1", http_bind_port=0, **settings)
+    hub = None
+    if downlink:
+        hub = Downlink.from_settings(api.settings, api.attributes, api.metrics, api.pipeline.submit, api.session_limits)
+        api.downlink = hub
     server = HttpServer(api, health or (lambda: (True, {"status": "up"})))
     pipeline = asyncio.create_task(api.pipeline.run())
+    hub_task = asyncio.create_task(hub.run()) if hub is not None else None
     await server.start()
     try:
         yield Running(server, api, sink, f"http://127.0.0.1:{server.port}")
     finally:
         sink.gate.set()
         server.stop_accepting()
+        if hub is not None and hub_task is not None:
+            hub.close()
+            await asyncio.wait_for(hub_task, 5)
         await asyncio.wait_for(server.drain(), 5)
         api.pipeline.close()
         await asyncio.wait_for(pipeline, 5)

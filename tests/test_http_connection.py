@@ -188,6 +188,88 @@ def test_oversized_head_is_431(loop: str, tmp_path: Path) -> None:
     run(loop, main())
 
 
+def test_a_head_over_the_limit_is_431_however_it_arrives(loop: str, tmp_path: Path) -> None:
+    """Whole in one read, completed by a later read, or behind a request in the same read: 431, closed."""
+
+    async def main() -> None:
+        async with serving(tmp_path) as gw:
+            big = "X-Big: " + "a" * 17_000
+            for parts in (
+                [request("GET", "/health", b"", big)],  # one read
+                [request("POST", TELEMETRY, b'{"a": 1}', big)],  # a body too
+                [request("GET", "/health", b"", big)[:15_000], request("GET", "/health", b"", big)[15_000:]],
+            ):
+                raw = await Raw.connect(gw.port)
+                for part in parts:
+                    await raw.send(part)
+                    await asyncio.sleep(0.05)
+                data = await raw.until_closed()
+                await raw.close()
+                assert statuses(data) == [431]
+                assert b"Connection: close" in data
+            raw = await Raw.connect(gw.port)  # a small request, then a big head in the same read
+            await raw.send(request("POST", TELEMETRY, b'{"b": 2}') + request("GET", "/health", b"", big))
+            data = await raw.until_closed()
+            await raw.close()
+            assert statuses(data) == [200, 431]
+            assert [r.values for r in gw.sink.records] == [{"b": 2}]
+            assert gw.metric("tb_gateway_refusals_total", transport="http", reason="headers_too_large") == 4
+
+    run(loop, main())
+
+
+def test_pipelined_small_requests_never_get_431(loop: str, tmp_path: Path) -> None:
+    """The head limit is per head: bytes of earlier requests in the same read are not counted."""
+
+    async def main() -> None:
+        async with serving(tmp_path) as gw:
+            raw = await Raw.connect(gw.port)
+            one = request("GET", "/api/v1/T1/attributes", b"", "X-Pad: " + "p" * 250)
+            last = request("POST", TELEMETRY, b'{"a": 1}')
+            await raw.send(one * 60 + last[:20])  # ~18 KiB of small heads, the last one cut short
+            await asyncio.sleep(0.1)
+            await raw.send(last[20:])
+            for _ in range(61):
+                assert (await raw.response())[0] == 200
+            # a head split across reads, then a 20 KB body and the start of the next head in one read
+            first = request("POST", TELEMETRY, b'{"big": "' + b"x" * 20_000 + b'"}')
+            second = request("POST", TELEMETRY, b'{"b": 2}')
+            await raw.send(first[:30])
+            await asyncio.sleep(0.1)
+            await raw.send(first[30:] + second[:25])
+            await asyncio.sleep(0.1)
+            await raw.send(second[25:])
+            assert [(await raw.response())[0] for _ in range(2)] == [200, 200]
+            # a chunked body of many small chunks, then the start of the next head, in one read
+            chunks = b"".join(b"1\r\n%c\r\n" % byte for byte in b'{"c": "' + b"y" * 4000 + b'"}') + b"0\r\n\r\n"
+            chunked = b"POST /api/v1/T1/telemetry HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks
+            await raw.send(chunked + second[:25])
+            await asyncio.sleep(0.1)
+            await raw.send(second[25:])
+            assert [(await raw.response())[0] for _ in range(2)] == [200, 200]
+            await raw.close()
+            assert gw.metric("tb_gateway_refusals_total", transport="http", reason="headers_too_large") == 0
+            assert len(gw.sink.records) == 5
+
+    run(loop, main())
+
+
+def test_the_first_head_is_timed_from_the_connection_opening(loop: str, tmp_path: Path) -> None:
+    async def main() -> None:
+        async with serving(tmp_path, http_header_timeout_seconds=1.0) as gw:
+            raw = await Raw.connect(gw.port)
+            started = time.monotonic()
+            await asyncio.sleep(0.7)
+            await raw.send(b"P")  # the first byte does not restart the clock
+            status, headers, _ = await raw.response()
+            elapsed = time.monotonic() - started
+            assert (status, headers["connection"]) == (408, "close")
+            assert 0.95 <= elapsed < 1.55  # not 0.7 + 1.0
+            await raw.close()
+
+    run(loop, main())
+
+
 def test_slow_headers_get_408_then_close(loop: str, tmp_path: Path) -> None:
     async def main() -> None:
         async with serving(tmp_path, http_header_timeout_seconds=0.4) as gw:
@@ -295,6 +377,58 @@ def test_upgrade_is_not_offered(loop: str, tmp_path: Path) -> None:
             await raw.send(request("GET", "/health", b"", "Connection: Upgrade", "Upgrade: h2c") + b"junk")
             status, headers, _ = await raw.response()
             assert (status, headers["connection"]) == (200, "close")
+            assert await raw.until_closed() == b""
+            await raw.close()
+
+    run(loop, main())
+
+
+UPGRADE = ("Connection: Upgrade, HTTP2-Settings", "Upgrade: h2c", "HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA")
+
+
+def test_an_upgrade_request_with_a_body_is_answered_as_a_plain_request(loop: str, tmp_path: Path) -> None:
+    """What `curl --http2 -d ...` sends on http://: RFC 9110 §7.8, the Upgrade is ignored, the body read."""
+
+    async def main() -> None:
+        async with serving(tmp_path) as gw:
+            chunked = (
+                b"POST /api/v1/T1/telemetry HTTP/1.1\r\nTransfer-Encoding: chunked\r\n"
+                + "\r\n".join(UPGRADE).encode()
+                + b'\r\n\r\n4\r\n{"b"\r\n4\r\n: 2}\r\n0\r\n\r\n'
+            )
+            whole = request("POST", TELEMETRY, b'{"a": 1}', *UPGRADE)
+            head, _, body = whole.partition(b"\r\n\r\n")
+            for parts in (
+                [whole + b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"],  # what follows is not read
+                [chunked + b"junk"],
+                [head + b"\r\n\r\n{", body[1:]],  # the body in a later read
+                [request("POST", TELEMETRY, b'{"d": ', *UPGRADE)],  # a bad payload: 400, still closed
+            ):
+                raw = await Raw.connect(gw.port)
+                for part in parts:
+                    await raw.send(part)
+                    await asyncio.sleep(0.05)
+                data = await raw.until_closed()
+                await raw.close()
+                assert statuses(data) == ([400] if b'"d"' in parts[0] else [200])
+                assert b"Connection: close" in data
+            assert [r.values for r in gw.sink.records] == [{"a": 1}, {"b": 2}, {"a": 1}]
+            assert gw.metric("tb_gateway_errors_total", component="http") == 0
+            raw = await Raw.connect(gw.port)  # over the size limit: refused before the body, as always
+            await raw.send(request("POST", TELEMETRY, b"x" * 70_000, *UPGRADE))
+            assert statuses(await raw.until_closed()) == [413]
+            await raw.close()
+
+    run(loop, main())
+
+
+def test_connect_is_refused_and_closes(loop: str, tmp_path: Path) -> None:
+    async def main() -> None:
+        async with serving(tmp_path) as gw:
+            raw = await Raw.connect(gw.port)
+            await raw.send(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n\x16\x03\x01")
+            status, headers, _ = await raw.response()
+            assert (status, headers["connection"]) == (404, "close")
             assert await raw.until_closed() == b""
             await raw.close()
 

@@ -9,9 +9,19 @@
   request: one future callback per acknowledged message. A 200 is written only once the pipeline future
   says DELIVERED (DESIGN.md §4).
 - Bounded: the head at ``MAX_HEAD_BYTES``, a body at MAX_PAYLOAD_SIZE; reading pauses while
-  ``MAX_PIPELINED`` requests wait for answers or the client does not read ours.
+  ``MAX_PIPELINED`` requests wait for answers or the client does not read ours. A head is sized per head,
+  wherever it arrives: a complete one from its callbacks (request line and header lines, at
+  ``on_headers_complete``); one still incomplete after a read by the bytes it has taken since it began. Where
+  it began in a read that also held earlier messages is the bytes those took (their heads as sized from
+  their callbacks, their bodies as fed, 5 bytes per chunk's framing): a little early at most (extra
+  whitespace, longer chunk-size lines), so never another request's bytes.
 - Timeouts are checked by the server's sweep against ``deadline``: a slow head or body gets 408 and a close;
-  an idle keep-alive connection, or one that never sends a byte, is closed silently.
+  an idle keep-alive connection, or one that never sends a byte, is closed silently. The first request's
+  head is timed from the moment the connection opened, the others' from their first byte.
+- ``Upgrade`` is never offered (RFC 9110 §7.8: the request is answered as if it were absent), and the
+  connection closes after its answer. httptools skips the body of an Upgrade request (it reads it as the new
+  protocol's bytes), so when one is declared a second parser, given a made-up head with the same framing,
+  reads it; nothing after it is read. CONNECT is refused (no route) and closes the same way.
 - A connection that ends in error (400 malformed, 408, 413, 431) is answered, half-closed and drained for
   ``LINGER_S`` so the client reads the answer instead of a reset.
 - The fast lane: a read that is exactly one simple device message (``_speedups.http_post``: a whole POST
@@ -73,6 +83,20 @@ class _Stop(Exception):
     """Raised inside a parser callback to stop httptools mid-chunk once the connection is failing."""
 
 
+class _UpgradeBody:
+    """The callbacks of the parser that reads an Upgrade request's body (``HttpConnection._upgraded``)."""
+
+    def __init__(self, connection: HttpConnection) -> None:
+        self.on_body = connection.on_body
+        self.connection = connection
+
+    def on_message_complete(self) -> None:
+        connection = self.connection
+        connection.on_message_complete()
+        connection._no_more_requests()  # what follows is another protocol's: read no more
+        raise _Stop
+
+
 class HttpConnection(asyncio.Protocol):
     def __init__(self, server: HttpServer) -> None:
         self.server = server
@@ -90,8 +114,11 @@ class HttpConnection(asyncio.Protocol):
         self.url = b""
         self.content_length = -1
         self.expect = False
-        self.head_bytes = 0
-        self.fed_body = self.body_before = 0
+        self.transfer_encoding: bytes | None = None
+        self.upgrading = False  # an Upgrade request with a body: httptools' message end is not its end
+        self.head_bytes = 0  # the head so far, from its callbacks
+        self.head_raw = 0  # bytes an incomplete head has taken from earlier reads, minus where it began in this one
+        self.consumed = 0  # bytes of this read taken by complete heads and bodies (as far as callbacks tell)
         self.timer = FRESH
         self.deadline = 0.0
         self.paused = False
@@ -131,12 +158,12 @@ class HttpConnection(asyncio.Protocol):
         idle = not self.queue and self.current is None and self.timer != HEAD and not self.write_paused
         if idle and self._fast(data):  # the fast lane (module docstring); else httptools reads it
             return
-        self.fed_body = 0
-        in_head = self.timer == HEAD
+        self.consumed = 0
+        upgrade = -1
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._no_more_requests()
+        except httptools.HttpParserUpgrade as exc:
+            upgrade = exc.args[0]  # handled below, not in here: a _Stop raised then must not chain to this
         except httptools.HttpParserCallbackError as exc:
             if not isinstance(exc.__context__, _Stop):
                 log.error("HTTP request handling failed", exc_info=exc.__context__)
@@ -144,9 +171,12 @@ class HttpConnection(asyncio.Protocol):
                 self._fail(error(500, "internal error"))
         except httptools.HttpParserError as exc:
             self._fail(error(400, f"malformed HTTP request: {exc}"), "bad_request")
-        if self.timer == HEAD:  # the head is still incomplete: count what it has taken so far
-            self.head_bytes += len(data) if in_head else len(data) - self.body_before
-            if self.head_bytes > MAX_HEAD_BYTES:
+        if upgrade >= 0:
+            self._upgraded(data, upgrade)
+            return
+        if self.timer == HEAD:  # the head is still incomplete: count what it has taken so far (module docstring)
+            self.head_raw += len(data)
+            if self.head_raw > MAX_HEAD_BYTES:
                 self._fail(431, "headers_too_large")
         self._sync_reading()
 
@@ -251,24 +281,35 @@ class HttpConnection(asyncio.Protocol):
         self.url = b""
         self.content_length = -1
         self.expect = False
+        self.transfer_encoding = None
         self.head_bytes = 0
-        self.body_before = self.fed_body  # bytes of earlier messages in this chunk are not this head's
+        self.head_raw = -self.consumed  # bytes of earlier messages in this read are not this head's
+        if self.timer != FRESH:  # the first request's head is timed from the connection's opening
+            self.deadline = self.loop.time() + self.server.header_timeout
         self.timer = HEAD
-        self.deadline = self.loop.time() + self.server.header_timeout
 
     def on_url(self, url: bytes) -> None:
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
         size = len(name)
+        self.head_bytes += size + len(value) + 4  # "name: value\r\n"
         if size == 14 and name.lower() == b"content-length":
             self.content_length = int(value)
         elif size == 6 and name.lower() == b"expect":
             self.expect = value.lower() == b"100-continue"
+        elif size == 17 and name.lower() == b"transfer-encoding":
+            self.transfer_encoding = value
 
     def on_headers_complete(self) -> None:
         parser = self.parser
         server = self.server
+        method = parser.get_method()
+        size = len(method) + len(self.url) + self.head_bytes + 14  # "M URL HTTP/1.1\r\n", headers, "\r\n"
+        if size > MAX_HEAD_BYTES:
+            self._fail(431, "headers_too_large")
+            raise _Stop
+        self.consumed = max(size - self.head_raw, 0)  # where the next message begins in this read
         self.timer = BODY
         self.deadline = self.loop.time() + server.body_timeout
         if self.content_length > server.max_payload:  # before routing, as ThingsBoard's size filter
@@ -277,11 +318,14 @@ class HttpConnection(asyncio.Protocol):
         if len(self.queue) >= MAX_QUEUED:
             self._fail(error(400, f"more than {MAX_QUEUED} pipelined requests"), "bad_request")
             raise _Stop
-        if not parser.should_keep_alive() or server.draining or parser.should_upgrade():
+        if parser.should_upgrade():  # not offered: answered as a plain request, then the connection closes
+            persist = Persist.CLOSE
+            self.upgrading = method != b"CONNECT" and (self.content_length > 0 or self.transfer_encoding is not None)
+        elif not parser.should_keep_alive() or server.draining:
             persist = Persist.CLOSE
         else:
             persist = Persist.KEEP if parser.get_http_version() == "1.1" else Persist.KEEP_10
-        route, credentials, handler, takes_body, _ = server.route(parser.get_method(), self.url)
+        route, credentials, handler, takes_body, _ = server.route(method, self.url)
         if isinstance(route, Miss):
             request = Request(None, None, persist)
             extra = b"Allow: %s\r\n" % route.allow if route.allow else b""
@@ -298,7 +342,7 @@ class HttpConnection(asyncio.Protocol):
     def on_body(self, data: bytes) -> None:
         request = self.current
         assert request is not None
-        self.fed_body += len(data)
+        self.consumed += len(data)
         request.size += len(data)
         if request.size > self.server.max_payload:  # a chunked body, counted as it streams
             self._fail(413, "too_large")
@@ -312,7 +356,12 @@ class HttpConnection(asyncio.Protocol):
                 request.body = bytearray(request.body)
             request.body += data
 
+    def on_chunk_complete(self) -> None:
+        self.consumed += 5  # at least "0\r\n" before the chunk's data and "\r\n" after it
+
     def on_message_complete(self) -> None:
+        if self.upgrading:
+            return  # httptools skipped the body: _upgraded reads it
         request = self.current
         assert request is not None
         request.complete = True
@@ -475,6 +524,21 @@ class HttpConnection(asyncio.Protocol):
         self._refuse(request, reply, reason)
         request.fatal = True
         self._advance()
+
+    def _upgraded(self, data: bytes, offset: int) -> None:
+        """httptools stopped at the end of an Upgrade / CONNECT head. An Upgrade request's body is read by a
+        parser of its own (module docstring); then, or at once, no more requests: answer, then close."""
+        if not self.upgrading:
+            self._no_more_requests()
+            self._sync_reading()
+            return
+        self.upgrading = False
+        framing = b"Content-Length: %d" % self.content_length
+        if self.transfer_encoding is not None:
+            framing = b"Transfer-Encoding: " + self.transfer_encoding
+        self.parser = httptools.HttpRequestParser(_UpgradeBody(self))
+        self.parser.feed_data(b"POST / HTTP/1.1\r\n%s\r\n\r\n" % framing)  # the same framing: accepted before
+        self.data_received(data[offset:])  # what follows the head in this read (possibly nothing)
 
     def _no_more_requests(self) -> None:
         """An Upgrade / CONNECT: answer what was asked, then close (no protocol switch is offered)."""

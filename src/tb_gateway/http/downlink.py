@@ -12,12 +12,20 @@
 
 ``timeout`` is milliseconds; 0 or absent means ThingsBoard's HTTP_REQUEST_TIMEOUT (60 s), and it is capped at
 its HTTP_MAX_REQUEST_TIMEOUT (300 s). A poll whose client goes away is withdrawn at once, so an RPC is never
-handed to a connection that can no longer write it.
+handed to a connection that can no longer write it. "Goes away" is the client's EOF, which is all a server sees
+of a client that closed, and also of one that only half-closed (``shutdown(SHUT_WR)``) and still reads: that
+one is answered 400 "the client closed its side of the connection" (never a false 503 "shutting down"). A
+poll ended by the gateway's shutdown gets 503 and ``Connection: close``; by its device's removal, 401.
+
+Every 400 is counted in ``tb_gateway_refusals_total``: ``bad_request`` for a bad ``timeout`` or RPC id,
+``bad_payload`` for a client-side RPC body that is not ``{"method","params"}`` JSON (as for telemetry); the
+400 to a poll whose client left is not (nobody may read it: a client that gave up is no refusal).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from tb_gateway.downlink.client_rpc import parse_request
@@ -26,7 +34,7 @@ from tb_gateway.downlink.sessions import Delivery, Feature, RpcCall
 from tb_gateway.errors import PayloadError
 from tb_gateway.http.handlers import Finish, Handler, Pending, Request
 from tb_gateway.http.routes import Endpoint, query_values
-from tb_gateway.http.wire import Reply, error, json_answer
+from tb_gateway.http.wire import Persist, Reply, error, json_answer
 from tb_gateway.normalize import parse_json
 from tb_gateway.records import DeviceIdentity, Transport
 
@@ -35,6 +43,10 @@ DEFAULT_POLL_MS = 60_000  # ThingsBoard's HTTP_REQUEST_TIMEOUT, for timeout=0 or
 MAX_POLL_MS = 300_000  # ThingsBoard's HTTP_MAX_REQUEST_TIMEOUT
 TIMED_OUT = 408
 SHUTTING_DOWN = 503
+REVOKED = 401
+CLIENT_LEFT = 400  # EOF from the client: gone, or half-closed and still reading
+
+Refused = Callable[[DeviceIdentity | None, Transport, str, str], None]  # DeviceApi.refused
 
 
 class LongPoll:
@@ -72,14 +84,14 @@ class LongPoll:
             self._end(update)
 
     def close(self, reason: str) -> None:
-        self._end(SHUTTING_DOWN)
+        self._end(REVOKED if reason == "revoked" else SHUTTING_DOWN)
 
     def withdraw(self, _closed: object = None) -> None:
-        """The client went away: nothing may be handed to this poll any more."""
+        """The client sent EOF: nothing may be handed to this poll any more (module docstring)."""
         self._timer.cancel()
         self._hub.detach(self)
         if not self.answer.done():
-            self.answer.cancel()
+            self.answer.set_result(CLIENT_LEFT)
 
     def _end(self, result: dict[str, Any] | int) -> None:
         self._timer.cancel()
@@ -92,7 +104,12 @@ class LongPoll:
 
 def _finish(request: Request, result: dict[str, Any] | int) -> Reply:
     if isinstance(result, int):
-        return error(SHUTTING_DOWN, "shutting down") if result == SHUTTING_DOWN else result
+        if result == SHUTTING_DOWN:  # the hub closes polls before the connections drain: close this one now
+            request.persist = Persist.CLOSE
+            return error(SHUTTING_DOWN, "shutting down")
+        if result == CLIENT_LEFT:
+            return error(CLIENT_LEFT, "the client closed its side of the connection: a long poll needs it open")
+        return result
     return json_answer(200, result)
 
 
@@ -101,8 +118,9 @@ def _reply_json(request: Request, reply: Any) -> Reply:
 
 
 class HttpDownlink:
-    def __init__(self, hub: Downlink) -> None:
+    def __init__(self, hub: Downlink, refused: Refused) -> None:
         self.hub = hub
+        self.refused = refused
 
     def handlers(self) -> dict[Endpoint, Handler]:
         return {
@@ -118,9 +136,9 @@ class HttpDownlink:
         try:
             timeout_ms = int(query_values(match.query).get("timeout") or 0)
         except ValueError:
-            return error(400, "timeout must be an integer (milliseconds)")
+            return self._bad(device, "bad_request", "timeout must be an integer (milliseconds)")
         if timeout_ms < 0:
-            return error(400, "timeout must not be negative")
+            return self._bad(device, "bad_request", "timeout must not be negative")
         self.hub.activity(device, HTTP)
         timeout_s = min(timeout_ms or DEFAULT_POLL_MS, MAX_POLL_MS) / 1000
         poll = LongPoll(self.hub, device, feature, timeout_s, request.closed)
@@ -134,7 +152,7 @@ class HttpDownlink:
         try:
             rpc_id = int(match.param)
         except ValueError:
-            return error(400, "the request id must be an integer")
+            return self._bad(device, "bad_request", "the request id must be an integer")
         body = request.body if type(request.body) is bytes else bytes(request.body)
         if not self.hub.rpc_replied(device.id, rpc_id, body):
             return error(404, f"no RPC {rpc_id} is waiting for a reply")
@@ -148,5 +166,10 @@ class HttpDownlink:
         try:
             method, params = parse_request(parse_json(body))
         except PayloadError as exc:
-            return error(400, str(exc))
+            return self._bad(device, "bad_payload", str(exc))
         return self.hub.client_rpc(device, HTTP, method, params), _reply_json
+
+    def _bad(self, device: DeviceIdentity, reason: str, message: str) -> Reply:
+        """400, counted in tb_gateway_refusals_total under ``reason``."""
+        self.refused(device, HTTP, reason, message)
+        return error(400, message)
