@@ -88,6 +88,26 @@ def test_a_torn_last_entry_is_cut_off_and_the_log_goes_on(tmp_path: Path, damage
     assert only_segment(tmp_path).stat().st_size == 1 << 20  # a truncated segment got its room back
 
 
+def test_a_torn_batch_is_cut_off_once_not_at_every_append(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A crashed writer's tail longer than one header (a batch half on disk): all of it is zeroed, so the
+    appends after the cut take the fast path and nothing is cut off or logged again."""
+    kept = payloads(0, [10, 20])
+    written(tmp_path, [kept, payloads(1, [300, 300, 300])]).close()
+    last = sum(HEADER.size + len(p) for p in kept)
+    with only_segment(tmp_path).open("r+b") as f:
+        f.seek(last + 8)
+        f.write(b"\xff")  # the first entry of the last batch torn, the rest of it still on disk
+    writer = written(tmp_path, [])
+    appended = []
+    for b in range(30):
+        batch = payloads(10 + b, [5])
+        writer.append(batch)
+        appended += batch
+    writer.close()
+    assert entries(tmp_path) == kept + appended
+    assert caplog.text.count("cut off a torn entry") == 1
+
+
 def test_a_stale_entry_behind_an_overwritten_tear_is_never_read(tmp_path: Path) -> None:
     """Power loss can write an unsynced batch's later sectors but not an earlier one; a new entry of the same
     size over the tear must not make the stale one after it readable (the crc chains entries)."""
@@ -522,3 +542,69 @@ def test_a_follower_is_not_misled_by_a_removed_segments_inode_given_to_a_newer_o
     after = [seq for seq, _ in read_log(tmp_path, after_seq=seen[-1])]
     assert after == list(range(left[0][0], 24 + 1))
     writer.close()
+
+
+class _SmallDisk:
+    """``posix_fallocate`` on a disk of ``room`` bytes for the log's segments: ENOSPC beyond it."""
+
+    def __init__(self, directory: Path, room: int) -> None:
+        self.directory = directory
+        self.room = room
+        self.real = os.posix_fallocate
+
+    def __call__(self, fd: int, offset: int, length: int) -> None:
+        mine = os.fstat(fd).st_size
+        used = sum(p.stat().st_size for p in self.directory.glob("*.log")) - mine
+        if used + max(mine, offset + length) > self.room:
+            raise OSError(28, "No space left on device")
+        self.real(fd, offset, length)
+
+
+def test_a_disk_too_small_for_two_segments_rolls_over_under_a_size_cap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sealed segment is removed before the next one takes its room (it was allocated first, failed
+    with ENOSPC, and every later append and restart failed the same way)."""
+    disk = _SmallDisk(tmp_path, room=1536)
+    monkeypatch.setattr(segments.os, "posix_fallocate", disk)
+    writer = SegmentWriter(tmp_path, 1024, max_bytes=1)
+    writer.open()
+    batches = [payloads(b, [100, 100]) for b in range(40)]
+    for batch in batches:
+        writer.append(batch)  # never ENOSPC
+    writer.close()
+    got = list(read_log(tmp_path))
+    assert len(firsts(tmp_path)) == 1 and got[-1][0] == 80
+    assert [seq for seq, _ in got] == list(range(got[0][0], 81))
+    assert [p for _, p in got] == [p for batch in batches for p in batch][got[0][0] - 1 :]
+
+
+def test_a_full_disk_refuses_appends_until_there_is_room_and_a_restart_works(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    disk = _SmallDisk(tmp_path, room=1536)
+    monkeypatch.setattr(segments.os, "posix_fallocate", disk)
+    writer = SegmentWriter(tmp_path, 1024, max_bytes=1)
+    writer.open()
+    acknowledged: list[bytes] = []
+    disk.room = 1000  # not even one segment fits any more: the roll-over cannot take its room
+    refused = 0
+    for b in range(30):
+        batch = payloads(b, [100, 100])
+        try:
+            writer.append(batch)
+        except OSError as exc:
+            assert exc.errno == 28
+            refused += 1
+        else:
+            acknowledged += batch
+    assert refused and acknowledged
+    writer.close()
+    disk.room = 1536  # room again: a new writer (a restart) opens and appends
+    reopened = SegmentWriter(tmp_path, 1024, max_bytes=1)
+    reopened.open()
+    reopened.append(payloads(99, [5]))
+    reopened.close()
+    stored = [p for _, p in read_log(tmp_path)]
+    assert stored[-1] == payloads(99, [5])[0]
+    assert not set(stored) - set(acknowledged) - set(payloads(99, [5]))  # nothing refused was stored

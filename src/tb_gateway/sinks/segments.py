@@ -234,16 +234,17 @@ class SegmentWriter:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._lock_fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         with self._locked():
+            self._remove_old()  # first: entering the tail may need the room it frees (a disk that filled up)
             self._catch_up()
-            self._remove_old()
 
     def enforce_retention(self) -> int:
         """Remove the sealed segments the retention settings no longer keep; returns how many went."""
         if not (self.max_bytes or self.max_age_s) or not self.is_open:
             return 0
         with self._locked():
-            self._catch_up()  # the newest segment must be known: it is never removed
-            return self._remove_old()
+            removed = self._remove_old()  # before the catch-up, which may need the room (a full disk)
+            self._catch_up()
+            return removed
 
     def append(self, payloads: Sequence[bytes]) -> int:
         """Writes the entries and returns the first one's seq once they are durable. ``OSError``: not
@@ -318,7 +319,6 @@ class SegmentWriter:
             os.fdatasync(self._fd)
             if i < len(payloads):
                 self._enter(cursor.seq, create=True)
-                self._remove_old()
 
     def _catch_up(self) -> None:
         """Moves the cursor to the true tail: past what other writers appended, over what crashed ones tore."""
@@ -343,23 +343,42 @@ class SegmentWriter:
             else:
                 if stop is Stop.TORN:
                     log.warning("embedded store: cut off a torn entry at seq %d (never acknowledged)", self._cursor.seq)
-                    _pwrite_all(self._fd, ZERO_HEADER, self._cursor.offset)
+                    self._zero_tail(self._cursor.offset)
                     os.fdatasync(self._fd)
                 return
+
+    def _zero_tail(self, offset: int) -> None:
+        """Zero what a crashed writer left from ``offset`` on, up to the first chunk that is zeros already
+        (unwritten space): zeroing only the torn header left the rest of the torn batch behind the next
+        append, found torn again, and cut off and logged once per append."""
+        assert self._fd is not None
+        while offset < self._size:
+            chunk = os.pread(self._fd, min(READ_CHUNK, self._size - offset), offset)
+            if not chunk or not any(chunk):
+                return
+            _pwrite_all(self._fd, bytes(len(chunk)), offset)
+            offset += len(chunk)
 
     def _enter(self, first_seq: int, *, create: bool) -> None:
         """Makes ``first_seq``'s segment current (created and preallocated if missing), cursor at its start.
 
-        The file and the directory are synced even when the file exists: a writer that crashed while rolling
-        over may have left it without a durable directory entry (rare: at start-up and roll-over only)."""
+        A new segment's directory entry is made durable before it is preallocated, and retention runs in
+        between: the sealed segment before it is no longer the newest, so a size cap can free its room first
+        (on a disk too small for two segments, allocating before removing failed for good). The file and the
+        directory are synced even when the file exists: a writer that crashed while rolling over may have
+        left it without a durable directory entry (rare: at start-up and roll-over only)."""
         self._forget_position()
         fd = os.open(self.directory / segment_name(first_seq), os.O_RDWR | (os.O_CREAT if create else 0), 0o600)
         self._fd, self._size, self._cursor = fd, os.fstat(fd).st_size, Cursor(0, first_seq)
+        if create:
+            _fsync_directory(self.directory)
+            self._remove_old()
         if self._size < self.segment_bytes:
             os.posix_fallocate(fd, 0, self.segment_bytes)
             self._size = os.fstat(fd).st_size
         os.fsync(fd)
-        _fsync_directory(self.directory)
+        if not create:
+            _fsync_directory(self.directory)
 
     def _remove_old(self) -> int:
         """Under the lock: oldest first, every sealed segment beyond the size cap or past the age limit."""
@@ -374,7 +393,7 @@ class SegmentWriter:
             sized.append((first, path, stat.st_size, stat.st_mtime))
         total = sum(size for _, _, size, _ in sized)
         if self._fd is not None:
-            total += self._size
+            total += max(self._size, self.segment_bytes)  # a new segment is counted at the size it is about to take
         now, removed = self._clock(), 0
         for first, path, size, written_at in sized:
             if self.max_bytes and total > self.max_bytes:
