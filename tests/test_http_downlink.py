@@ -37,6 +37,27 @@ def test_downlink_400s_are_counted_as_refusals(loop: str, tmp_path: Path) -> Non
     run(loop, main())
 
 
+def test_a_long_poll_holds_its_device_here_while_it_waits(loop: str, tmp_path: Path) -> None:
+    """docs/downlink.md: a device's first session (a long poll too) makes this process its holder, so an
+    RPC read by another process is handed over here; the last one to go releases it."""
+
+    async def main() -> None:
+        async with serving(tmp_path, downlink=True) as gw:
+            hub = gw.api.downlink
+            assert hub is not None
+            holds: list[tuple[str, bool]] = []
+            hub.hold_listeners.append(lambda device, held: holds.append((device.name, held)))
+            raw = await Raw.connect(gw.port)
+            await raw.send(request("GET", "/api/v1/T1/rpc?timeout=300"))
+            await asyncio.sleep(0.1)
+            assert holds == [("dev1", True)] and hub.sessions.holds(DEVICE_ID)
+            assert (await raw.response())[0] == 408
+            assert holds == [("dev1", True), ("dev1", False)] and not hub.sessions.holds(DEVICE_ID)
+            await raw.close()
+
+    run(loop, main())
+
+
 def test_a_poll_ended_by_shutdown_closes_the_connection(loop: str, tmp_path: Path) -> None:
     """The app closes the hub (polls answer 503) before the connections drain: the 503 says Connection: close."""
 

@@ -71,6 +71,7 @@ class LongPoll:
         self._timer = loop.call_later(timeout_s, self._end, TIMED_OUT)
         if closed is not None:
             closed.add_done_callback(self.withdraw)
+        hub.attach(self)  # the device is held here while it polls (another process routes its RPCs to us)
         hub.subscribe(self, feature)  # may answer at once (a pending RPC)
 
     def push_rpc(self, call: RpcCall) -> Delivery:
