@@ -299,6 +299,37 @@ def test_downlink_qos_follows_the_matching_subscription_else_1() -> None:
     ]
 
 
+def test_downlink_keeps_within_a_v5_client_receive_maximum() -> None:
+    """MQTT 5 §3.3.4: no more unacknowledged QoS 1 PUBLISHes than the client's Receive Maximum; the rest
+    wait, in order, for its PUBACKs (QoS 0 is not counted)."""
+    session = Session(LIMITS, 0.0, topics.accept_filter)
+    session.receive_data(encode(Connect("c", 5, username="T", properties={0x21: 2}), 5), 0.0)
+    session.accept()
+    session.data_to_send()
+    send(session, Subscribe(1, (("v1/devices/me/attributes/response/+", 0),)), 5)
+    session.data_to_send()
+    for n in range(1, 5):
+        assert session.publish(f"v1/devices/me/rpc/request/{n}", b"{}")
+        assert session.last_packet_id == n
+    assert session.publish("v1/devices/me/attributes/response/9", b"{}")  # QoS 0 by its subscription
+    got = replies(session, 5)
+    assert [(p.topic, p.packet_id) for p in got] == [  # type: ignore[attr-defined]
+        ("v1/devices/me/rpc/request/1", 1),
+        ("v1/devices/me/rpc/request/2", 2),
+        ("v1/devices/me/attributes/response/9", 0),
+    ]
+    assert send(session, PubAck(2), 5) == [PubAckReceived(2, 0)]
+    assert [p.packet_id for p in replies(session, 5)] == [3]  # type: ignore[attr-defined]
+    send(session, PubAck(1), 5)
+    send(session, PubAck(3), 5)
+    assert [p.packet_id for p in replies(session, 5)] == [4]  # type: ignore[attr-defined]
+    unlimited = new(5)  # no Receive Maximum given: nothing is held
+    unlimited.data_to_send()
+    for n in range(1, 5):
+        unlimited.publish(f"v1/devices/me/rpc/request/{n}", b"{}")
+    assert len(replies(unlimited, 5)) == 4
+
+
 def test_downlink_respects_the_client_maximum_packet_size() -> None:
     session = Session(LIMITS, 0.0, topics.accept_filter)
     session.receive_data(encode(Connect("c", 5, properties={0x27: 40}), 5), 0.0)

@@ -137,6 +137,7 @@ class Session:
         self.inflight = 0  # QoS 1 PUBLISHes received and not yet acknowledged
         self.subscriptions: dict[str, int] = {}  # filter -> granted QoS
         self.client_max_packet: int | None = None
+        self._window: _Window | None = None  # only for a v5 client that set a Receive Maximum
         self._accept_filter = accept_filter
         self._decoder = Decoder(limits.max_packet_bytes)
         self._out: list[bytes] = []
@@ -225,6 +226,8 @@ class Session:
                     self.refuse(ConnackV3.NOT_AUTHORIZED, Reason.PROTOCOL_ERROR)
                     return [self._terminated(Reason.PROTOCOL_ERROR, f"{name} of 0", _PROTOCOL)]
             self.client_max_packet = packet.properties.get(0x27)
+            if 0x21 in packet.properties:  # Receive Maximum: our QoS 1 PUBLISHes it may have unacknowledged
+                self._window = _Window(packet.properties[0x21])
         self.state = State.AUTHENTICATING
         return [ConnectReceived(packet)]
 
@@ -275,6 +278,9 @@ class Session:
         return []
 
     def _puback(self, packet: PubAck) -> list[Event]:
+        window = self._window
+        if window is not None:
+            self._out += window.acknowledged(packet.packet_id)
         return [PubAckReceived(packet.packet_id, packet.reason_code)]
 
     def _disconnect(self, packet: Disconnect) -> list[Event]:
@@ -348,7 +354,13 @@ class Session:
         data = encode(Publish(topic, payload, qos, packet_id), self.version)
         if self.client_max_packet is not None and len(data) > self.client_max_packet:
             return False
-        self._out.append(data)
+        window = self._window
+        if packet_id and window is not None and not window.take(packet_id):
+            if len(window.held) >= MAX_HELD_DOWNLINKS:
+                return False
+            window.held.append((packet_id, data))  # goes out when the client acknowledges earlier ones
+        else:
+            self._out.append(data)
         self.last_packet_id = packet_id
         return True
 
@@ -430,6 +442,38 @@ try:  # the C fast path for the PUBACKs due (setup.py builds it where a compiler
     from tb_gateway._speedups import acks_delivered as _acks_delivered
 except ImportError:  # pragma: no cover - AckQueue.pop_delivered does the same in Python
     _acks_delivered = None  # type: ignore[assignment]
+
+
+MAX_HELD_DOWNLINKS = 1000  # downlinks waiting for a v5 client's Receive Maximum; beyond, publish() refuses
+
+
+class _Window:
+    """Our QoS 1 PUBLISHes a v5 client has not acknowledged yet: at most its Receive Maximum (MQTT 5 §3.3.4);
+    the others wait here, in order, until PUBACKs free the window."""
+
+    __slots__ = ("awaiting", "held", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.awaiting: set[int] = set()
+        self.held: deque[tuple[int, bytes]] = deque()
+
+    def take(self, packet_id: int) -> bool:
+        """True when ``packet_id`` may go out now (counted as awaiting); False: hold it."""
+        if self.held or len(self.awaiting) >= self.limit:
+            return False
+        self.awaiting.add(packet_id)
+        return True
+
+    def acknowledged(self, packet_id: int) -> list[bytes]:
+        """The client acknowledged ``packet_id``: what may go out now."""
+        self.awaiting.discard(packet_id)
+        released = []
+        while self.held and len(self.awaiting) < self.limit:
+            held_id, data = self.held.popleft()
+            self.awaiting.add(held_id)
+            released.append(data)
+        return released
 
 
 class AckQueue(deque[tuple[int, Any, float]]):
