@@ -153,7 +153,7 @@ def test_merge_rules_for_counters_histograms_and_gauges() -> None:
         ports = [int(server.server_port) for server in servers] + [int(dead.getsockname()[1])]
         registry = CollectorRegistry()
         failures = Counter("scrape_failures", "-", registry=registry)
-        registry.register(MergedWorkers(lambda: ports, failures))
+        registry.register(MergedWorkers(lambda: [(i, 100 + i, port) for i, port in enumerate(ports)], failures))
         text = generate_latest(registry).decode()
         again = generate_latest(registry).decode()  # the failure counter is collected before the merge
     finally:
@@ -169,6 +169,44 @@ def test_merge_rules_for_counters_histograms_and_gauges() -> None:
     assert sample(text, 'tb_gateway_ack_latency_seconds_bucket{le="0.001",transport="mqtt"}') == 1
     assert sample(text, 'tb_gateway_ack_latency_seconds_sum{transport="mqtt"}') == pytest.approx(0.003)
     assert sample(again, "scrape_failures_total") == 1
+
+
+def test_merged_counters_never_go_down_when_a_worker_restarts_or_cannot_be_scraped() -> None:
+    """A restarted worker counts from zero again; its earlier process's counts carry on in the sums (a dip
+    reads as a counter reset in Prometheus, and rate() shows a false spike). Gauges are not carried."""
+    old, new, other = Metrics(), Metrics(), Metrics()
+    old.messages_received.labels(transport="mqtt").inc(200)
+    old.ack_latency.labels(transport="mqtt").observe(0.001)
+    old.devices_connected.labels(transport="mqtt").set(7)
+    other.messages_received.labels(transport="mqtt").inc(200)
+    servers = {
+        name: start_http_server(0, addr="127.0.0.1", registry=m.registry)[0]
+        for name, m in (("old", old), ("new", new), ("other", other))
+    }
+    port = {name: int(server.server_port) for name, server in servers.items()}
+    endpoints = [(0, 10, port["old"]), (1, 11, port["other"])]
+    registry = CollectorRegistry()
+    registry.register(MergedWorkers(lambda: endpoints, Counter("failures", "-", registry=registry)))
+    received = 'tb_gateway_messages_received_total{transport="mqtt"}'
+    try:
+        assert sample(generate_latest(registry).decode(), received) == 400
+        endpoints[0] = (0, 20, None)  # worker 0 died and its new process is not up yet
+        assert sample(generate_latest(registry).decode(), received) == 400
+        endpoints[0] = (0, 20, port["new"])  # the new process, counting from zero
+        new.messages_received.labels(transport="mqtt").inc(3)
+        text = generate_latest(registry).decode()
+        assert sample(text, received) == 403
+        assert sample(text, 'tb_gateway_ack_latency_seconds_count{transport="mqtt"}') == 1
+        assert sample(text, 'tb_gateway_devices_connected{transport="mqtt"}') == 0  # a gauge: not carried
+        dead = socket.socket()
+        dead.bind(("127.0.0.1", 0))  # bound, never listening
+        endpoints[1] = (1, 11, int(dead.getsockname()[1]))  # worker 1 unreachable: it counts as last scraped
+        assert sample(generate_latest(registry).decode(), received) == 403
+        dead.close()
+    finally:
+        for server in servers.values():
+            server.shutdown()
+            server.server_close()
 
 
 def test_workers_never_outlive_a_killed_supervisor(gateway_factory: GatewayFactory) -> None:

@@ -109,33 +109,73 @@ class Worker:
             self.metrics_port = int(orjson.loads(line)["metrics_port"])
 
 
-class MergedWorkers:
-    """A collector that scrapes every worker and adds up their samples (see the module docstring)."""
+Key = tuple[str, str, tuple[tuple[str, str], ...]]  # family, sample name, labels
+Endpoint = tuple[int, int, int | None]  # a worker's index, its process id, its metrics port (None: not up)
 
-    def __init__(self, ports: Callable[[], list[int]], scrape_failures: Counter) -> None:
-        self._ports = ports
+
+class MergedWorkers:
+    """A collector that scrapes every worker and adds up their samples (see the module docstring).
+
+    Counters and histograms never go down when a worker dies: what a worker's earlier process had counted
+    (its last scrape) is carried into the sums once a new process holds its index, and a worker that cannot
+    be scraped counts with its last scrape meanwhile. Prometheus would read a dip as a counter reset and
+    show a false spike in ``rate()``.
+    """
+
+    def __init__(self, workers: Callable[[], list[Endpoint]], scrape_failures: Counter) -> None:
+        self._workers = workers
         self._failures = scrape_failures
+        self._last: dict[int, tuple[int, dict[Key, float]]] = {}  # index -> (pid, monotonic samples last scraped)
+        self._carried: dict[Key, float] = {}  # monotonic samples of workers' earlier processes
+        self._kinds: dict[str, tuple[str, str]] = {}  # family -> (documentation, type), as last scraped
 
     def collect(self) -> Iterator[Metric]:
-        families: dict[str, Metric] = {}
-        values: dict[tuple[str, str, tuple[tuple[str, str], ...]], float] = {}
-        for port in self._ports():
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=SCRAPE_TIMEOUT_S) as answer:
-                    text = answer.read().decode()
-            except OSError:
-                self._failures.inc()
+        values: dict[Key, float] = dict(self._carried)
+        for index, pid, port in self._workers():
+            seen_pid, last = self._last.get(index, (pid, {}))
+            if seen_pid != pid:  # a new process under this index: the old one's counts carry on
+                for key, value in last.items():
+                    self._carried[key] = self._carried.get(key, 0.0) + value
+                    values[key] = values.get(key, 0.0) + value
+                last = {}
+            text = self._scrape(port) if port is not None else None
+            if text is None:  # down or unreachable: its counts as last seen
+                for key, value in last.items():
+                    values[key] = values.get(key, 0.0) + value
+                self._last[index] = (pid, last)
                 continue
-            for family in text_string_to_metric_families(text):
-                families.setdefault(family.name, Metric(family.name, family.documentation, family.type))
-                merge = MERGE.get(family.name, _add) if family.type == "gauge" else _add
-                for sample in family.samples:
-                    key = (family.name, sample.name, tuple(sorted(sample.labels.items())))
-                    op = min if sample.name.endswith("_created") else merge  # _created: a start time
-                    values[key] = op(values[key], sample.value) if key in values else sample.value
+            self._last[index] = (pid, self._merge(text, values))
+        families: dict[str, Metric] = {}
         for (family_name, sample_name, labels), value in values.items():
+            if family_name not in families:
+                documentation, kind = self._kinds[family_name]
+                families[family_name] = Metric(family_name, documentation, kind)
             families[family_name].add_sample(sample_name, dict(labels), value)
         yield from families.values()
+
+    def _scrape(self, port: int) -> str | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=SCRAPE_TIMEOUT_S) as answer:
+                return str(answer.read().decode())
+        except OSError:
+            self._failures.inc()
+            return None
+
+    def _merge(self, text: str, values: dict[Key, float]) -> dict[Key, float]:
+        """Add one worker's samples into ``values``; returns its monotonic ones (counters, histograms)."""
+        monotonic: dict[Key, float] = {}
+        for family in text_string_to_metric_families(text):
+            self._kinds[family.name] = (family.documentation, family.type)
+            merge = MERGE.get(family.name, _add) if family.type == "gauge" else _add
+            counts = family.type in ("counter", "histogram", "summary")
+            for sample in family.samples:
+                key = (family.name, sample.name, tuple(sorted(sample.labels.items())))
+                created = sample.name.endswith("_created")
+                op = min if created else merge  # _created: a start time
+                values[key] = op(values[key], sample.value) if key in values else sample.value
+                if counts and not created:
+                    monotonic[key] = sample.value
+        return monotonic
 
 
 def _add(a: float, b: float) -> float:
@@ -169,11 +209,11 @@ class Supervisor:
             "Scrapes of a worker's metrics that failed (that worker's samples are missing from that scrape)",
             registry=self.registry,
         )
-        self.registry.register(MergedWorkers(self._metrics_ports, scrape_failures))
+        self.registry.register(MergedWorkers(self._endpoints, scrape_failures))
         self._lifeline = os.pipe()  # workers hold the read end; only this process holds the write end
 
-    def _metrics_ports(self) -> list[int]:
-        return [w.metrics_port for w in self.workers if w.metrics_port is not None and w.proc.poll() is None]
+    def _endpoints(self) -> list[Endpoint]:
+        return [(w.index, w.proc.pid, w.metrics_port if w.proc.poll() is None else None) for w in self.workers]
 
     def _spawn(self, index: int) -> Worker:
         read_fd, write_fd = os.pipe()
