@@ -574,6 +574,27 @@ def test_reregistration_with_same_token_replaces_and_keeps_sequence_increasing()
     assert decode_uint(r2.option(Option.OBSERVE)) > decode_uint(r1.option(Option.OBSERVE))
 
 
+def test_registration_with_same_token_for_another_resource_replaces_the_old_observation():
+    """RFC 7641 §4.1: the token names one observation; a registration for another resource (another device's
+    path, another feature) ends the old one instead of taking over its notifications."""
+    ep = endpoint()
+    first, [r1] = register(ep, mid=1)
+    assert ep.notify(first, 0.5, Code.CONTENT, b"x") is not None
+    sent(ep)
+    options = ((Option.OBSERVE, b""), (Option.URI_PATH, b"humidity"))
+    get = request(code=Code.GET, mid=2, token=b"\x4a", options=options, payload=b"")
+    exchange = only_request(ep.receive_datagram(get, PEER, 1.0))
+    assert ep.observation(PEER, b"\x4a") is first
+    second = ep.observe(exchange)
+    assert second is not None and second is not first
+    assert not first.active and second.active and second.path == ("humidity",)
+    assert list(ep.observations()) == [second] and ep.observation(PEER, b"\x4a") is second
+    ep.respond(exchange, 1.0, Code.CONTENT, b"40 %")
+    [r2] = sent(ep)
+    assert decode_uint(r2.option(Option.OBSERVE)) > decode_uint(r1.option(Option.OBSERVE))
+    assert ep.handle_timer(100.0) == [] and sent(ep) == []  # the old one's notification is not retransmitted
+
+
 def test_only_an_unanswered_get_with_observe_0_can_register():
     ep = endpoint()
     plain = only_request(ep.receive_datagram(request(code=Code.GET, mid=1, payload=b""), PEER, 0.0))

@@ -33,9 +33,12 @@ from tb_gateway.coap.codec import (
     encode,
     encode_uint,
 )
+from tb_gateway.coap.downlink import merge_updates
 from tb_gateway.coap.endpoint import EndpointConfig
 from tb_gateway.coap.server import CoapServer
 from tb_gateway.downlink.hub import Downlink
+from tb_gateway.downlink.rpc import RpcStatus
+from tb_gateway.downlink.shared_attributes import SharedChange
 from tb_gateway.errors import CredentialsUnavailable
 from tb_gateway.records import RecordKind
 from tb_gateway.sinks.base import Outcome
@@ -631,6 +634,27 @@ def test_unknown_token_lookup_that_suspends_is_finished_by_a_task(tmp_path: Path
     run(main())
 
 
+def test_a_credential_lookup_that_uses_asyncio_timeout_runs_in_a_task(tmp_path: Path) -> None:
+    """Redis' client wraps each command in ``asyncio.timeout``, which raises outside a Task: a cache miss must
+    not be stepped inline from the socket callback (it was answered 5.00, and Redis declared down)."""
+
+    async def main() -> None:
+        async with serving(tmp_path) as (api, _, client, _):
+            source = api.auth._sources[0]
+            original = source.lookup
+
+            async def lookup(credentials: Any) -> Any:
+                async with asyncio.timeout(1):
+                    return await original(credentials)
+
+            source.lookup = lookup
+            client.request(options=path("api", "v1", "T2", "telemetry"))
+            assert (await client.recv()).code == Code.CREATED
+            assert api.metrics.errors.labels(component="coap")._value.get() == 0
+
+    run(main())
+
+
 @pytest.mark.usefixtures("each_socket_kind")
 def test_drain_cut_short_by_the_shutdown_timeout_still_closes_the_socket(tmp_path: Path) -> None:
     async def main() -> None:
@@ -768,5 +792,119 @@ def test_a_registration_beyond_the_observer_cap_is_answered_without_observe(tmp_
             assert orjson.loads(reply.payload) == {"interval": 5}  # what the registration would have answered
             assert subscriptions(api, "attributes") == 0 and len(list(server.endpoint.observations())) == 1
             assert refusals(api) == {"max_observers": 1}
+
+    run(main())
+
+
+def observe(feature: tuple[tuple[int, bytes], ...], mid: int, token: bytes) -> Message:
+    return Message(CON, Code.GET, mid, token, ((Option.OBSERVE, b""), *feature))
+
+
+def test_an_rpc_held_back_by_a_full_notification_window_goes_out_when_an_ack_frees_it(tmp_path: Path) -> None:
+    """docs/coap.md Limits: beyond the unacknowledged CON notifications per observer the downlink waits for
+    ACKs, and then goes on (it used to wait for a new registration, so the RPC expired)."""
+
+    async def main() -> None:
+        config = EndpointConfig(max_notifications_in_flight=2)
+        async with serving(tmp_path, config=config, downlink=True) as (api, _, client, _):
+            hub = api.downlink
+            assert hub is not None
+            client.send(observe(RPC, 1, b"r"))
+            assert (await client.recv()).code == Code.VALID
+            waiters = [hub.send_rpc("id-thermostat-1", f"m{i}", None, oneway=True)[1] for i in range(3)]
+            first, second = await client.recv(), await client.recv()
+            await client.silent()  # two unacknowledged: the third waits
+            client.send(Message(ACK, Code.EMPTY, first.mid))
+            third = await client.recv()
+            assert [orjson.loads(n.payload)["method"] for n in (first, second, third)] == ["m0", "m1", "m2"]
+            client.send(Message(ACK, Code.EMPTY, second.mid))
+            client.send(Message(ACK, Code.EMPTY, third.mid))
+            outcomes = await asyncio.wait_for(asyncio.gather(*waiters), 3)
+            assert [outcome.status for outcome in outcomes] == [RpcStatus.DELIVERED] * 3
+            assert subscriptions(api, "rpc") == 1
+
+    run(main())
+
+
+def test_attribute_changes_held_back_by_a_full_window_are_merged_and_sent_when_an_ack_frees_it(
+    tmp_path: Path,
+) -> None:
+    """Updates are deltas: one the window could not take must not be lost (it was dropped silently)."""
+
+    async def main() -> None:
+        config = EndpointConfig(max_notifications_in_flight=2)
+        async with serving(tmp_path, config=config, downlink=True) as (api, _, client, _):
+            hub = api.downlink
+            assert hub is not None
+            device = "id-thermostat-1"
+            client.send(observe(ATTRIBUTES, 1, b"a"))
+            assert (await client.recv()).code == Code.CONTENT
+            hub.change_shared(device, SharedChange({"a": 1}))
+            hub.change_shared(device, SharedChange({"b": 2}))
+            first, _ = await client.recv(), await client.recv()
+            hub.change_shared(device, SharedChange({"c": 3}))  # the window is full from here on
+            hub.change_shared(device, SharedChange({"d": 4}, ("b",)))
+            hub.change_shared(device, SharedChange({}, ("c",)))
+            await client.silent()
+            client.send(Message(ACK, Code.EMPTY, first.mid))
+            held = await client.recv()
+            assert orjson.loads(held.payload) == {"d": 4, "deleted": ["b", "c"]}  # the three changes, as one
+            await client.silent()
+
+    run(main())
+
+
+def test_merged_attribute_updates_keep_the_last_change_of_each_key() -> None:
+    older = {"a": 1, "x": 0, "deleted": ["b"]}
+    newer = {"b": 2, "deleted": ["a"]}
+    assert merge_updates(older, newer) == {"x": 0, "b": 2, "deleted": ["a"]}
+    assert older == {"a": 1, "x": 0, "deleted": ["b"]} and newer == {"b": 2, "deleted": ["a"]}  # untouched
+
+
+def test_a_registration_with_the_same_token_for_another_device_replaces_the_old_one(tmp_path: Path) -> None:
+    """RFC 7641 §4.1: one socket, one (empty) token, two devices: the second registration takes over; the
+    first device's session ends (it used to keep the token, and the second device's RPC expired)."""
+
+    async def main() -> None:
+        async with serving(tmp_path, downlink=True) as (api, server, client, _):
+            hub = api.downlink
+            assert hub is not None
+            client.send(observe(RPC, 1, b""))
+            assert (await client.recv()).code == Code.VALID
+            client.send(observe(path("api", "v1", "T2", "rpc"), 2, b""))
+            assert (await client.recv()).code == Code.VALID
+            assert subscriptions(api, "rpc") == 1 and len(list(server.endpoint.observations())) == 1
+            assert not hub.sessions.holds("id-thermostat-1")
+            _, delivered = hub.send_rpc("id-meter-2", "forMeter", None, oneway=True)
+            notification = await client.recv()
+            assert orjson.loads(notification.payload)["method"] == "forMeter"
+            client.send(Message(ACK, Code.EMPTY, notification.mid))
+            assert (await asyncio.wait_for(delivered, 3)).status is RpcStatus.DELIVERED
+            hub.send_rpc("id-thermostat-1", "forThermostat", None)
+            await client.silent()  # nobody observes for the thermostat any more: its RPC waits
+
+    run(main())
+
+
+def test_a_registration_with_the_same_token_for_another_feature_replaces_the_old_one(tmp_path: Path) -> None:
+    """docs/coap.md: the RPC subscription used to stay on the token, and an RPC went out as a notification
+    of the attributes observation."""
+
+    async def main() -> None:
+        async with serving(tmp_path, downlink=True) as (api, server, client, _):
+            hub = api.downlink
+            assert hub is not None
+            client.send(observe(RPC, 1, b"\x07"))
+            assert (await client.recv()).code == Code.VALID
+            client.send(observe(ATTRIBUTES, 2, b"\x07"))
+            assert (await client.recv()).code == Code.CONTENT
+            assert (subscriptions(api, "rpc"), subscriptions(api, "attributes")) == (0, 1)
+            hub.send_rpc("id-thermostat-1", "ping", None)
+            await client.silent()
+            hub.change_shared("id-thermostat-1", SharedChange({"interval": 5}))
+            notification = await client.recv()
+            assert notification.token == b"\x07" and orjson.loads(notification.payload) == {"interval": 5}
+            [observation] = server.endpoint.observations()
+            assert observation.path[-1] == "attributes"
 
     run(main())

@@ -7,9 +7,13 @@
   2.05 ``{"k":v,...,"deleted":[..]}`` per change. Without Observe it stays the attribute request.
 - ``POST .../rpc/{id}``: the device's reply -> 2.01 (4.04 when no RPC with that id is pending).
 - ``POST .../rpc`` ``{"method","params"}``: client-side RPC -> 2.05 with the backend's reply.
-- A new observation of the same feature by the same device replaces the old one; GET Observe 1 (answered
-  2.02 Deleted), a Reset or an unacknowledged notification ends it. An observation is not activity: only
-  the requests are.
+- A new observation of the same feature by the same device replaces the old one, and so does a new one with
+  the same address and token (RFC 7641 §4.1), whatever its device or feature; GET Observe 1 (answered 2.02
+  Deleted), a Reset or an unacknowledged notification ends it. An observation is not activity: only the
+  requests are.
+- A CON observation has at most ``max_notifications_in_flight`` notifications unacknowledged: beyond it an
+  RPC is refused (it waits) and attribute changes are held, merged into one delta; an ACK that frees room
+  offers the waiting RPCs again and sends the held delta.
 """
 
 from __future__ import annotations
@@ -46,10 +50,13 @@ class CoapObservation:
         self.observation = observation
         self._side = side
         self.unacknowledged: dict[int, int] = {}  # notification message id -> RPC id
+        self.refused = False  # an RPC was refused for a full window: offer the waiting ones at the next ACK
+        self.held: dict[str, Any] | None = None  # attribute changes a full window kept back, as one delta
 
     def push_rpc(self, call: RpcCall) -> Delivery:
         mid = self._side.notify(self.observation, orjson.dumps(call.body()))
         if mid is None:
+            self.refused = True
             return Delivery.REFUSED  # too many unacknowledged notifications: the RPC waits
         if not self.observation.confirmable:
             return Delivery.DELIVERED
@@ -57,7 +64,14 @@ class CoapObservation:
         return Delivery.SENT
 
     def push_attributes(self, update: dict[str, Any]) -> None:
-        self._side.notify(self.observation, orjson.dumps(update))
+        # Updates are deltas: one the window cannot take now is kept, and later ones merge into it, so the
+        # device ends up told of every change (and in order) once ACKs free the window.
+        self.held = update if self.held is None else merge_updates(self.held, update)
+        self.send_held()
+
+    def send_held(self) -> None:
+        if self.held is not None and self._side.notify(self.observation, orjson.dumps(self.held)) is not None:
+            self.held = None
 
     def close(self, reason: str) -> None:
         self._side.end(self)
@@ -85,7 +99,12 @@ class CoapDownlink:
             else:
                 server.get_attributes(exchange, device)
             return
+        previous = server.endpoint.observation(exchange.addr, exchange.token)
         observation = server.endpoint.observe(exchange)
+        if previous is not None and previous is not observation:  # same token, another resource: replaced
+            replaced = self._by_observation.get(previous)
+            if replaced is not None:
+                self.end(replaced)
         if observation is None:  # the endpoint's observer cap: answered without Observe, not registered
             server.api.refused(device, COAP, "max_observers")  # RFC 7641 §4.1
             self._first_answer(exchange, device, feature)
@@ -98,6 +117,8 @@ class CoapDownlink:
             session = CoapObservation(self, device, feature, observation)
             self._by_observation[observation] = session
             self._by_device[(device.id, feature)] = session
+        else:
+            session.held = None  # the registration's answer is the whole current set
         self._first_answer(exchange, device, feature)
         hub.attach(session)
         hub.subscribe(session, feature)  # pending RPCs go out now, after the registration's answer
@@ -138,10 +159,16 @@ class CoapDownlink:
 
     def acknowledged(self, event: NotificationAcknowledged) -> None:
         session = self._by_observation.get(event.observation)
-        if session is not None:
-            rpc_id = session.unacknowledged.pop(event.mid, None)
-            if rpc_id is not None:
-                self._hub.rpc_delivered(session.device.id, rpc_id)
+        if session is None:
+            return
+        rpc_id = session.unacknowledged.pop(event.mid, None)
+        if rpc_id is not None:
+            self._hub.rpc_delivered(session.device.id, rpc_id)
+        # the window has room again: what waited for it goes now
+        session.send_held()
+        if session.refused:
+            session.refused = False
+            self._hub.ready(session)
 
     def cancelled(self, event: ObservationCancelled) -> None:
         session = self._by_observation.get(event.observation)
@@ -166,3 +193,21 @@ class CoapDownlink:
         if self._by_device.get(key) is session:
             del self._by_device[key]
         self._hub.detach(session)
+
+
+def merge_updates(older: dict[str, Any], newer: dict[str, Any]) -> dict[str, Any]:
+    """Two shared-attribute deltas ``{"k": v, ..., "deleted": [..]}`` as one: the later change of a key wins
+    (set after deleted is set, deleted after set is deleted). Neither argument is changed: the hub hands the
+    same update to every session."""
+    merged = {key: value for key, value in older.items() if key != "deleted"}
+    deleted = [key for key in older.get("deleted", ()) if key not in newer]
+    for key, value in newer.items():
+        if key != "deleted":
+            merged[key] = value
+    for key in newer.get("deleted", ()):
+        merged.pop(key, None)
+        if key not in deleted:
+            deleted.append(key)
+    if deleted:
+        merged["deleted"] = deleted
+    return merged

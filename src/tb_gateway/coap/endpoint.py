@@ -474,18 +474,26 @@ class Endpoint:
     def observe(self, exchange: Exchange) -> Observation | None:
         """Register the requester of a GET Observe=0 as observer; its response will carry Observe.
 
-        A registration with the same address and token replaces the old one (RFC 7641 §4.1). Returns None
-        when ``max_observations`` is reached: the response then goes out without Observe, which tells the
-        client it is not registered.
+        A registration with the same address and token replaces the old one (RFC 7641 §4.1): for the same
+        resource it is the same observation again; for another one (path or query) the old observation ends
+        (inactive, no message, no event: the caller asked ``observation(addr, token)`` first if it cares) and
+        a new one takes its place. Returns None when ``max_observations`` is reached: the response then goes
+        out without Observe, which tells the client it is not registered.
         """
         if exchange.code != Code.GET or exchange.observe != 0 or exchange.state == ANSWERED:
             raise ValueError("only an unanswered GET with Observe: 0 registers an observer")
         key = (exchange.addr, exchange.token)
         observation = self._observations.get(key)
-        if observation is None:
+        path, query = exchange.path, exchange.query
+        if observation is not None and (observation.path != path or observation.query != query):
+            old, observation = observation, Observation(exchange.addr, exchange.token, path, query, False)
+            old.active = False  # its CON notifications in flight are dropped, not retransmitted
+            observation.seq = old.seq  # same token: the client's sequence numbers keep increasing
+            self._observations[key] = observation
+        elif observation is None:
             if len(self._observations) >= self.config.max_observations:
                 return None
-            observation = Observation(exchange.addr, exchange.token, exchange.path, exchange.query, False)
+            observation = Observation(exchange.addr, exchange.token, path, query, False)
             self._observations[key] = observation
         observation.confirmable = exchange.confirmable
         observation.seq = (observation.seq + 1) & 0xFFFFFF
@@ -527,6 +535,10 @@ class Endpoint:
         """Forget an observer (e.g. replaced by a newer registration); no message is sent."""
         if observation.active:
             self._drop_observation(observation)
+
+    def observation(self, addr: Address, token: bytes) -> Observation | None:
+        """The observation registered with this address and token, if any."""
+        return self._observations.get((addr, token))
 
     def observations(self) -> Iterable[Observation]:
         return self._observations.values()

@@ -6,10 +6,11 @@ The adapter reads the clock, moves datagrams between the socket and the endpoint
 pipeline's future resolved DELIVERED (DESIGN.md §4): piggybacked in the ACK when that takes less than
 COAP_PIGGYBACK_TIMEOUT_MS, otherwise as a separate response after the endpoint's empty ACK.
 
-Speed: almost every request finds its token in the auth cache, so ``authenticate`` returns without ever
-suspending. Python 3.11 has no eager tasks, so ``_run_eagerly`` steps the handler coroutine inline and only
-hands it to a Task when it really waits (a cache miss); the pipeline future is then followed with a done
-callback, not an awaiting task. That keeps the hot path free of task creation and scheduling.
+Speed: almost every request finds its token in the auth cache, which answers synchronously
+(``known_device``, ``authenticate_cached``), so the handler runs inline; only a cache miss, which has to
+await a credential source, runs in a Task (a real one: sources such as Redis use ``asyncio.timeout``, which
+needs the current task). The pipeline future is then followed with a done callback, not an awaiting task.
+That keeps the hot path free of task creation and scheduling.
 """
 
 from __future__ import annotations
@@ -244,7 +245,7 @@ class CoapServer:
         if known:
             self._handle(exchange, handler, device)
         else:
-            self._run_eagerly(self._serve(exchange, credentials, handler))
+            self._spawn(self._serve(exchange, credentials, handler))
 
     def _refuse_route(self, exchange: Exchange, refusal: Refusal) -> None:
         if refusal.reason is None:  # no token at all: an authentication failure, like an unknown one
@@ -294,13 +295,10 @@ class CoapServer:
             if exchange.state != ANSWERED:
                 self._answer(exchange, Code.INTERNAL_SERVER_ERROR)
 
-    def _run_eagerly(self, coro: Coroutine[Any, Any, None]) -> None:
-        """Step the coroutine inline; only if it suspends does it continue in a Task."""
-        try:
-            awaited = coro.send(None)
-        except StopIteration:
-            return
-        task = asyncio.get_running_loop().create_task(_resume(coro, awaited))
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a credential lookup in a Task: never stepped inline, where ``asyncio.current_task()`` would be
+        None (``asyncio.timeout`` raises then)."""
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -430,21 +428,3 @@ ROUTES: dict[str, dict[int, Handler]] = {
     },
 }
 RPC_REPLY: dict[int, Handler] = {Code.POST: _downlink(CoapDownlink.rpc_reply)}  # .../rpc/{id}
-
-
-async def _resume(coro: Coroutine[Any, Any, None], awaited: Any) -> None:
-    """Carry on a coroutine that ``_run_eagerly`` started, doing what a Task does with what it awaits."""
-    try:
-        while True:
-            if awaited is None:
-                await asyncio.sleep(0)
-            else:
-                awaited._asyncio_future_blocking = False
-                await asyncio.wait((awaited,))
-            try:
-                awaited = coro.send(None)
-            except StopIteration:
-                return
-    except BaseException:
-        coro.close()
-        raise

@@ -164,6 +164,12 @@ class Downlink:
     def unsubscribe(self, session: DownlinkSession, feature: Feature) -> None:
         self.sessions.unsubscribe(session, feature)
 
+    def ready(self, session: DownlinkSession) -> None:
+        """A session that refused an RPC for want of room has room again (a CoAP notification window freed):
+        offer what still waits for the device, as a new subscription would."""
+        if session in self.sessions.subscribers(session.device.id, Feature.RPC):
+            self._report(self.rpc.subscribed(session.device.id, self._clock_ms()))
+
     def activity(self, device: DeviceIdentity, transport: Transport, now_ms: int | None = None) -> None:
         """Every message a device sends (and MQTT PINGREQ); cheap unless the device was inactive."""
         now = self._clock_ms() if now_ms is None else now_ms
