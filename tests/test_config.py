@@ -103,3 +103,66 @@ def test_configuration_doc_lists_every_setting() -> None:
     doc = (Path(__file__).parents[1] / "docs" / "configuration.md").read_text()
     missing = [name.upper() for name in Settings.model_fields if f"`{name.upper()}`" not in doc]
     assert missing == []
+
+
+FLOAT_SETTINGS = sorted(name.upper() for name, field in Settings.model_fields.items() if field.annotation is float)
+
+
+def test_every_float_setting_is_checked_below() -> None:
+    assert "RPC_MAX_TIMEOUT_SECONDS" in FLOAT_SETTINGS and "STORE_RETENTION_HOURS" in FLOAT_SETTINGS
+    assert len(FLOAT_SETTINGS) >= 17  # every float field is found (none hides behind another annotation)
+
+
+@pytest.mark.parametrize("name", FLOAT_SETTINGS)
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e999"])
+def test_float_settings_refuse_non_finite_values(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    """No float setting means "no limit" by infinity (those that have one spell it 0): inf crashed start-up."""
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    [problem] = caught.value.problems
+    assert problem.startswith(f"{name}: ")
+    assert "finite" in problem or value == "-inf"  # -inf: "greater than 0" comes first where there is a bound
+
+
+def test_infinite_rpc_timeout_stops_start_up_with_one_line(tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "RPC_MAX_TIMEOUT_SECONDS": "inf", "DATA_DIR": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-m", "tb_gateway", "run"], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "configuration error: RPC_MAX_TIMEOUT_SECONDS: Input should be a finite number (got 'inf')"
+    ]
+
+
+@pytest.mark.parametrize("servers", ["", " , ", "[]"])
+def test_kafka_needs_a_broker_when_enabled(monkeypatch: pytest.MonkeyPatch, servers: str) -> None:
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", servers)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(kafka_enabled=True)
+    [problem] = caught.value.problems
+    assert problem.startswith("KAFKA_BOOTSTRAP_SERVERS: ") and "at least one broker" in problem
+    assert load_settings(kafka_enabled=False).kafka_bootstrap_servers == []  # unused then: no broker needed
+
+
+@pytest.mark.parametrize("servers", ['{"a":1}', "kafka", "kafka:", ":9092", "kafka:0", "kafka:65536", "a b:1", "a:1,b"])
+def test_kafka_brokers_must_be_host_port(monkeypatch: pytest.MonkeyPatch, servers: str) -> None:
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", servers)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(kafka_enabled=False)  # a malformed value is refused whether or not Kafka is on
+    [problem] = caught.value.problems
+    assert problem.startswith("KAFKA_BOOTSTRAP_SERVERS: ") and "expected host:port" in problem
+
+
+def test_kafka_broker_forms_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "kafka-1.example.com:9092, 10.0.0.7:19092,[::1]:9092")
+    assert load_settings().kafka_bootstrap_servers == ["kafka-1.example.com:9092", "10.0.0.7:19092", "[::1]:9092"]
+
+
+def test_dotenv_that_is_not_utf8_is_named(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_bytes(b"BATCH_SIZE=7\nTB_HOST=caf\xe9\n")  # Latin-1
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    [problem] = caught.value.problems
+    assert problem.startswith(f"{tmp_path / '.env'}: not UTF-8 text (line 2: ")

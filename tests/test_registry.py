@@ -121,3 +121,56 @@ def test_processes_creating_the_files_at_once_all_succeed(tmp_path: Path) -> Non
         for proc in procs:
             proc.join(30)
         assert [proc.exitcode for proc in procs] == [0] * 3, f"attempt {attempt}"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["line\nbreak"], "device name must not contain control characters"),
+        (["tab\there"], "device name must not contain control characters"),
+        (["x" * 256], "device name must be at most 255 characters (got 256)"),
+        (["x" * 5000], "device name must be at most 255 characters (got 5000)"),
+        (["ok", "--type", "a\nb"], "--type must not contain control characters"),
+        (["ok", "--client-id", "c\x1b[2J"], "--client-id must not contain control characters"),
+        (["ok", "--username", "u\r"], "--username must not contain control characters"),
+        (["ok", "--token", "T\x7f"], "--token must not contain control characters"),
+    ],
+)
+def test_names_with_control_characters_or_too_long_are_refused(
+    cli: GatewayProcess, extra: list[str], message: str
+) -> None:
+    result = cli.cli("device", "add", *extra, check=False)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr.startswith(f"error: {message}") and len(result.stderr.splitlines()) == 1
+    assert cli.cli("device", "list", "--json").stdout == ""
+
+
+def test_longest_name_and_unicode_names_are_accepted(tmp_path: Path) -> None:
+    registry = Registry(tmp_path / "registry.db")
+    for name in ("x" * 255, "Température salle 2", "датчик-1", "🌡️ sensor"):
+        assert registry.add(name).name == name
+    with pytest.raises(RegistryError, match="control characters"):
+        registry.add("line\u2028separator")
+
+
+@pytest.mark.parametrize("command", [["device", "add", "x"], ["device", "list"], ["device", "remove", "x"], ["run"]])
+def test_registry_that_cannot_be_opened_is_one_line(cli: GatewayProcess, command: list[str]) -> None:
+    """As with a read-only DATA_DIR: SQLite cannot open the file (here registry.db is a directory)."""
+    (cli.data_dir / "registry.db").mkdir(parents=True)
+    result = cli.cli(*command, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    [line] = [line for line in result.stderr.splitlines() if not line.startswith("{")]  # `run` also logs JSON
+    assert line == f"error: cannot open the device registry in DATA_DIR {cli.data_dir}: unable to open database file"
+
+
+def test_unwritable_data_dir_is_named_as_the_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "registry.db").mkdir()
+    monkeypatch.setattr("tb_gateway.registry.os.access", lambda path, mode: False)  # root writes anywhere
+    with pytest.raises(RegistryError) as caught:
+        Registry(data_dir / "registry.db")
+    assert str(caught.value) == (
+        f"cannot open the device registry in DATA_DIR {data_dir}: unable to open database file "
+        "(the directory is not writable)"
+    )

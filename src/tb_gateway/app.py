@@ -15,7 +15,7 @@ import logging
 import signal
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -237,15 +237,28 @@ class Gateway:
         self._stop.set()
 
     async def run(self) -> None:
+        """Start, serve until ``request_stop``, shut down in order.
+
+        A start-up failure (a port that cannot be bound, TLS files, ...) propagates, from inside the TaskGroup
+        as an ExceptionGroup (the CLI unwraps it), once everything started before it is stopped again: the
+        TaskGroup cancels the tasks, ``_undo_start_up`` closes listeners, the admin API, the sink and clients.
+        """
         s = self.settings
-        await self.sink.start()
-        metrics_server = _start_metrics(s, self.metrics)
+        metrics_server = None
+        starting: list[Server] = []  # the listeners asked to start, the failing one included (MQTT binds 2)
+        ready = False
         try:
+            await self.sink.start()
+            try:
+                metrics_server = _start_metrics(s, self.metrics)
+            except OSError as exc:
+                where = f"METRICS_BIND_ADDRESS={s.metrics_bind_address}, METRICS_PORT={s.metrics_port}"
+                raise _named(f"metrics endpoint ({where})", exc) from exc
             async with asyncio.TaskGroup() as tasks:
                 pipeline_task = tasks.create_task(self.pipeline.run(), name="pipeline")
                 sink_task = tasks.create_task(self.sink.run(), name="sink")
                 watcher = tasks.create_task(self._watch_registry(), name="registry-watch")
-                await self.admin.start()
+                await _started(f"admin API (ADMIN_PORT={s.admin_port})", self.admin.start())
                 downlink = [tasks.create_task(self.downlink.run(), name="downlink")]
                 downlink.append(tasks.create_task(self.admin.run(), name="admin"))
                 downlink += [tasks.create_task(src.run(), name=src.name) for src in self.downlink_sources]
@@ -254,7 +267,9 @@ class Gateway:
                 if self.router is not None:
                     downlink.append(tasks.create_task(self.router.run(), name="downlink-router"))
                 for server in self.servers:
-                    await server.start()
+                    starting.append(server)
+                    await _started(_listener(s, server.name), server.start())
+                ready = True
                 _tune_gc()
                 log.info(
                     "gateway ready" if s.worker_index is None else "worker ready",  # WORKERS: the supervisor says it
@@ -266,10 +281,37 @@ class Gateway:
                 log.info("shutting down")
                 await self._shutdown(pipeline_task, sink_task, watcher, *downlink)
         finally:
-            metrics_server.shutdown()
+            if not ready:
+                await self._undo_start_up(starting)
+            if metrics_server is not None:
+                metrics_server.shutdown()
+                metrics_server.server_close()
             self.attributes.close()
             self.registry.close()
         log.info("stopped")
+
+    async def _undo_start_up(self, started: list[Server]) -> None:
+        """Start-up failed (the TaskGroup's tasks are already cancelled): stop what did start, each step bounded
+        by SHUTDOWN_TIMEOUT_SECONDS; a failure here is logged, never hides the start-up problem."""
+        steps: list[tuple[str, Callable[[], Awaitable[object]]]] = []
+        for server in started:
+            server.stop_accepting()
+            steps.append((f"{server.name} listener", server.drain))
+        self.admin.close()
+        for source in self.downlink_sources:
+            source.close()
+        self.downlink.close()
+        steps += [("sink", self.sink.close), ("credential sources", self.auth.close)]
+        if self.router is not None:
+            steps.append(("downlink router", self.router.aclose))
+        if self.redis is not None:
+            steps.append(("redis", self.redis.close))
+        for what, step in steps:
+            try:
+                async with asyncio.timeout(self.settings.shutdown_timeout_seconds):
+                    await step()
+            except Exception as exc:  # the start-up problem is the one line the operator must see
+                log.debug("start-up failed; closing the %s failed too: %r", what, exc)
 
     async def _shutdown(self, pipeline_task: asyncio.Task[None], *others: asyncio.Task[None]) -> None:
         timeout = self.settings.shutdown_timeout_seconds
@@ -335,6 +377,30 @@ def _router(gateway: Gateway) -> Router | None:
     from tb_gateway.downlink import router
 
     return router.build(gateway.downlink, gateway.redis, instance_name(gateway.settings))
+
+
+def _listener(settings: Settings, name: str) -> str:
+    """What a listener's start-up error names: the settings that say where it listens."""
+    prefix = name.upper()
+    where = f"{prefix}_BIND_ADDRESS={getattr(settings, f'{name}_bind_address')}"
+    where += f", {prefix}_BIND_PORT={getattr(settings, f'{name}_bind_port')}"
+    if name == "mqtt" and settings.mqtt_ssl_enabled:
+        where += f", MQTT_SSL_BIND_PORT={settings.mqtt_ssl_bind_port}"
+    return f"{prefix} listener ({where})"
+
+
+async def _started(what: str, start: Awaitable[None]) -> None:
+    """``await start``; an ``OSError`` (port in use, address that does not resolve) says which listener."""
+    try:
+        await start
+    except OSError as exc:
+        raise _named(what, exc) from exc
+
+
+def _named(what: str, exc: OSError) -> OSError:
+    named = OSError(f"{what}: {exc}")
+    named.errno = exc.errno
+    return named
 
 
 def _start_metrics(settings: Settings, metrics: Metrics) -> Any:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -19,6 +22,7 @@ from tb_gateway.registry import Registry
 from tb_gateway.sinks.store import read_messages
 
 FOLLOW_POLL_S = 0.2
+E = TypeVar("E", bound=BaseException)
 # `messages` shows what devices sent unless asked for more (RPC and device state records: --kind, --all)
 DEVICE_KINDS = (RecordKind.TELEMETRY.value, RecordKind.ATTRIBUTES.value, RecordKind.CLAIM.value)
 
@@ -89,12 +93,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = {"device": "device_command", "attributes": "attributes_command"}.get(args.command)
     handler = _HANDLERS[f"{args.command} {getattr(args, sub)}" if sub else args.command]
     try:
-        return handler(settings, args)
+        code = handler(settings, args)
+        sys.stdout.flush()  # here, not at exit: a reader that went away (`| head`) is handled below
+        return code
     except (RegistryError, AdminError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        return _reader_gone()
+
+
+def _reader_gone() -> int:
+    """stdout's reader exited (`tb-gateway messages | head -1`): stop quietly, as Unix tools do.
+
+    Python would still flush stdout at exit and print a second BrokenPipeError, so stdout is pointed at
+    /dev/null first (the Python docs' recipe, "Note on SIGPIPE"). The exit code is a SIGPIPE death's, 128 + 13.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + signal.SIGPIPE
 
 
 def _run(settings: Settings, args: argparse.Namespace) -> int:
@@ -102,16 +122,29 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
     from tb_gateway.logs import setup_logging
 
     setup_logging(settings.log_level.value, settings.log_format.value)
+    # Start-up problems raised while the gateway's TaskGroup runs (a busy port, TLS files, a bind address
+    # that does not resolve) arrive wrapped in an ExceptionGroup: except* unwraps them (and bare ones alike).
+    code = 0
     try:
         run(settings)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"configuration error: {problem}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"error: cannot start: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    except* ConfigError as group:
+        for exc in _leaves(group):
+            for problem in exc.problems:
+                print(f"configuration error: {problem}", file=sys.stderr)
+        code = 2
+    except* OSError as group:
+        for os_error in _leaves(group):
+            print(f"error: cannot start: {os_error}", file=sys.stderr)
+        code = code or 1
+    return code
+
+
+def _leaves(group: BaseExceptionGroup[E]) -> list[E]:
+    """The exceptions of a (possibly nested) group."""
+    leaves: list[E] = []
+    for exc in group.exceptions:
+        leaves.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return leaves
 
 
 def _registry(settings: Settings) -> Registry:
@@ -254,8 +287,8 @@ def _json_arg(text: str, what: str) -> Any:
 
 def _rpc(settings: Settings, args: argparse.Namespace) -> int:
     timeout_s = args.timeout if args.timeout is not None else settings.rpc_default_timeout_seconds
-    if timeout_s <= 0:
-        raise AdminError("--timeout must be positive")
+    if not (math.isfinite(timeout_s) and timeout_s > 0):  # inf / nan: no RPC expiry can be made of them
+        raise AdminError(f"--timeout must be positive and finite (seconds), not {timeout_s}")
     body = {
         "device": args.device,
         "method": args.method,

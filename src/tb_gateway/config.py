@@ -7,11 +7,12 @@ name. A bad value stops start-up with one clear line per problem, naming the var
 from __future__ import annotations
 
 import enum
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
 import orjson
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from tb_gateway.errors import ConfigError
@@ -46,7 +47,10 @@ class Protocol(enum.StrEnum):
 
 Port = Annotated[int, Field(ge=0, le=65535)]
 Positive = Annotated[int, Field(gt=0)]
-PositiveSeconds = Annotated[float, Field(gt=0)]
+# every float setting is finite: `inf` / `nan` are refused (a "no limit" is spelled 0 where there is one)
+PositiveSeconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+# a Kafka broker: host name or IPv4 address, or an IPv6 address in brackets, then the port
+_BROKER = re.compile(r"(?:[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\]):([0-9]{1,5})")
 
 
 class Settings(BaseSettings):
@@ -131,10 +135,11 @@ class Settings(BaseSettings):
     batch_size: Positive = 100
     batch_timeout: PositiveSeconds = 1.0
     # embedded store: batches start at most this often (group commit; one fdatasync costs ~45 µs of CPU)
-    store_commit_interval: Annotated[float, Field(ge=0, le=1)] = 0.001
+    store_commit_interval: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] = 0.001
     # embedded store retention: whole 64 MiB segments go, oldest first (docs/records.md); 0 = no limit
     store_max_bytes: Annotated[int, Field(ge=0)] = 0
-    store_retention_hours: Annotated[float, Field(ge=0)] = 168.0  # Kafka's default retention: 7 days
+    # by age (hours; 0 = no limit); Kafka's default retention: 7 days
+    store_retention_hours: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 168.0
     max_payload_size: Positive = 65536
     queue_max_records: Positive = 100_000  # pipeline bound: beyond it devices are refused (503 / 5.03 / 0x97)
     retry_after_seconds: Positive = 1  # Retry-After / Max-Age sent with an overload refusal
@@ -185,6 +190,17 @@ class Settings(BaseSettings):
             return [part.strip() for part in text.split(",") if part.strip()]
         return value
 
+    @field_validator("kafka_bootstrap_servers")
+    @classmethod
+    def _brokers(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        """host:port entries (Kafka's bootstrap.servers format); at least one when Kafka is on."""
+        bad = [entry for entry in value if not _is_broker(entry)]
+        if bad:
+            raise ValueError(f"{', '.join(map(repr, bad))}: expected host:port, e.g. kafka:9092")
+        if not value and info.data.get("kafka_enabled"):
+            raise ValueError("KAFKA_ENABLED=true needs at least one broker (host:port)")
+        return value
+
     @field_validator(
         "rate_limit_device_messages",
         "rate_limit_device_telemetry_messages",
@@ -218,6 +234,8 @@ def load_settings(**overrides: Any) -> Settings:
         return Settings(**overrides)
     except ValidationError as exc:
         raise ConfigError([_describe(error) for error in exc.errors()]) from None
+    except UnicodeDecodeError as exc:  # the environment is decoded by Python itself: this is the .env file
+        raise ConfigError([_not_utf8(exc)]) from None
     except ValueError as exc:  # a list setting that is not valid JSON, raised before field validation
         raise ConfigError([str(exc)]) from None
 
@@ -227,3 +245,15 @@ def _describe(error: Any) -> str:
     value = error.get("input")
     shown = f" (got {value!r})" if isinstance(value, str | int | float) else ""
     return f"{name}: {error['msg']}{shown}"
+
+
+def _is_broker(entry: str) -> bool:
+    match = _BROKER.fullmatch(entry)
+    return match is not None and 0 < int(match.group(1)) < 65536
+
+
+def _not_utf8(exc: UnicodeDecodeError) -> str:
+    env_file = Settings.model_config.get("env_file")
+    path = Path(env_file if isinstance(env_file, str | Path) else ".env").resolve()
+    line = exc.object[: exc.start].count(b"\n") + 1
+    return f"{path}: not UTF-8 text (line {line}: {exc.reason}, byte 0x{exc.object[exc.start]:02x}); save it as UTF-8"

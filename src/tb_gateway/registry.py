@@ -8,9 +8,11 @@ serialises the writes, and the gateway notices changes through ``data_version`` 
 from __future__ import annotations
 
 import contextlib
+import os
 import secrets
 import sqlite3
 import time
+import unicodedata
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,6 +24,9 @@ from tb_gateway.records import DeviceIdentity
 from tb_gateway.sqlite_files import open_wal
 
 TOKEN_BYTES = 15  # 20 URL-safe characters, like ThingsBoard's generated access tokens
+MAX_NAME_LENGTH = 255  # ThingsBoard's device name limit (device.name is varchar(255), checked by its validator)
+# control characters (a newline or tab breaks `device list` and log lines), and line/paragraph separators
+_CONTROL = frozenset(("Cc", "Zl", "Zp"))
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -60,8 +65,15 @@ _COLUMNS = "id, name, type, token, client_id, username, password, created_at"
 
 class Registry:
     def __init__(self, path: Path) -> None:
-        self._db = open_wal(path, synchronous="FULL")
-        self._db.executescript(_SCHEMA)
+        try:
+            self._db = open_wal(path, synchronous="FULL")
+        except (sqlite3.Error, OSError) as exc:
+            raise RegistryError(_cannot_open(path, exc)) from None
+        try:
+            self._db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            self._db.close()
+            raise RegistryError(_cannot_open(path, exc)) from None
 
     def add(
         self,
@@ -76,6 +88,11 @@ class Registry:
         """Register a device. With no credentials at all, a random access token is generated."""
         if not name.strip():
             raise RegistryError("device name must not be empty")
+        if len(name) > MAX_NAME_LENGTH:
+            raise RegistryError(f"device name must be at most {MAX_NAME_LENGTH} characters (got {len(name)})")
+        checked = {"device name": name, "--type": device_type, "--client-id": client_id, "--username": username}
+        for what, value in (checked | {"--token": token}).items():
+            _refuse_control(what, value)
         basic = client_id is not None or username is not None
         if password is not None and not basic:
             raise RegistryError("--password needs --client-id and/or --username")
@@ -172,6 +189,19 @@ class Registry:
 
     def close(self) -> None:
         self._db.close()
+
+
+def _refuse_control(what: str, value: str | None) -> None:
+    if value is not None and any(unicodedata.category(c) in _CONTROL for c in value):
+        raise RegistryError(f"{what} must not contain control characters (newline, tab, ...): {value!r}")
+
+
+def _cannot_open(path: Path, exc: Exception) -> str:
+    reason = str(exc)
+    directory = path.parent
+    if directory.is_dir() and not os.access(directory, os.W_OK):
+        reason += " (the directory is not writable)"
+    return f"cannot open the device registry in DATA_DIR {directory}: {reason}"
 
 
 def _password_ok(device: Device, password: str) -> bool:
