@@ -57,3 +57,19 @@ def test_device_list_into_a_closed_pipe_exit_quietly(tmp_path: Path) -> None:
         proc.stdout.close()
         assert proc.stderr.read() == b""
         assert proc.wait(30) == SIGPIPE_EXIT
+
+
+def test_messages_says_where_it_looked_when_there_is_no_store(tmp_path: Path) -> None:
+    """Run from another directory (DATA_DIR=./data there), it printed nothing and exited 0, no hint why."""
+    cli = GatewayProcess(tmp_path / "gw")
+    cli.data_dir.mkdir(parents=True)
+    done = subprocess.run(
+        [str(BIN / "tb-gateway"), "messages"], env=cli.env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0 and done.stdout == ""
+    assert f"no embedded store in DATA_DIR={cli.data_dir}" in done.stderr
+    fill_store(cli.data_dir, 1)
+    done = subprocess.run(
+        [str(BIN / "tb-gateway"), "messages"], env=cli.env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0 and '{"n":0}' in done.stdout and done.stderr == ""

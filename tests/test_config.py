@@ -166,3 +166,21 @@ def test_dotenv_that_is_not_utf8_is_named(tmp_path: Path) -> None:
         load_settings()
     [problem] = caught.value.problems
     assert problem.startswith(f"{tmp_path / '.env'}: not UTF-8 text (line 2: ")
+
+
+@pytest.mark.parametrize("url", ["notaurl", "http://redis:6379", "redis:6379"])
+def test_redis_url_needs_a_redis_scheme(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    """It was taken as is, and the Redis client's ValueError stopped start-up with a traceback."""
+    monkeypatch.setenv("REDIS_URL", url)
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    [problem] = caught.value.problems
+    assert problem.startswith("REDIS_URL: ") and "redis://" in problem
+
+
+@pytest.mark.parametrize("url", ["redis://redis:6379/0", "rediss://u:p@r:6380/1", "unix:///run/redis.sock"])
+def test_redis_url_forms_accepted(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    monkeypatch.setenv("REDIS_URL", url)
+    assert load_settings().redis_url == url
+    monkeypatch.setenv("REDIS_URL", " ")
+    assert load_settings().redis_url is None

@@ -138,3 +138,17 @@ def test_throttle_logs_first_and_counts_the_suppressed(caplog: pytest.LogCapture
         throttle.warning("k", "event %s", "x")
     messages = [r.getMessage() for r in caplog.records]
     assert messages == ["event x", "event y", "event x (3 similar suppressed in the last period)"]
+
+
+def test_refusals_are_logged_once_per_device_reason_and_transport(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A device's HTTP refusal must not hide the same refusal of its MQTT connection from the log."""
+    api = make_api(tmp_path)
+    dev = DeviceIdentity("id-1", "dev1")
+    with caplog.at_level(logging.WARNING):
+        for transport in (Transport.HTTP, Transport.HTTP, Transport.MQTT, Transport.COAP):
+            api.refused(dev, transport, "bad_payload", "detail")
+    lines = [r.getMessage() for r in caplog.records if "refused a message" in r.getMessage()]
+    assert [line.split(" over ")[1].split(":")[0] for line in lines] == ["http", "mqtt", "coap"]
+    assert refusals(api, "http", "bad_payload") == 2

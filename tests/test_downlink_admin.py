@@ -75,7 +75,7 @@ def test_cli_refusals(gateway_factory: GatewayFactory) -> None:
         ("rpc", "boiler-17", "m", "{not json"): "PARAMS_JSON is not JSON",
         ("rpc", "boiler-17", "m", "--timeout", "0"): "--timeout must be positive",
         ("attributes", "set", "boiler-17", "novalue"): "expected key=value",
-        ("attributes", "set", "nobody", "a=1"): "no such device",
+        ("attributes", "set", "nobody", "a=1"): "no device named 'nobody'",
     }
     for args, expected in cases.items():
         result = gateway.cli(*args, check=False)

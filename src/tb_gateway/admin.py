@@ -178,9 +178,10 @@ class AdminServer:
         }
 
     async def _attributes(self, body: dict[str, Any]) -> Answer:
-        device = self._registry.by_name(str(body.pop("device", "")))
+        name = str(body.pop("device", ""))
+        device = self._registry.by_name(name)
         if device is None:
-            return 404, {"error": "no such device"}
+            return 404, {"error": f"no device named {name!r}"}
         pushed = self._downlink.change_shared(device.id, parse_change(body))
         for listener in self.shared_listeners:
             listener(device.id, body)

@@ -24,6 +24,7 @@ from typing import Protocol
 
 from tb_gateway.blocklist import Blocklist
 from tb_gateway.errors import AddressBlocked
+from tb_gateway.logs import Throttle
 from tb_gateway.metrics import Metrics
 from tb_gateway.records import DeviceIdentity
 
@@ -99,6 +100,8 @@ class AuthService:
         self._pending: dict[Credentials, asyncio.Future[DeviceIdentity | None]] = {}
         self._shared = shared
         self._blocklist = blocklist
+        # a wrong token over HTTP or CoAP, logged once per transport and address per minute
+        self._failure_log = Throttle(log, period_s=60.0)
 
     async def authenticate(
         self,
@@ -166,6 +169,10 @@ class AuthService:
     def _count(self, identity: DeviceIdentity | None, transport: str, address: str | None) -> None:
         if identity is None:
             self._metrics.auth_failures.labels(transport=transport).inc()
+            if transport != "mqtt":  # MQTT logs its refused CONNECT itself, with the client id and user name
+                self._failure_log.warning(
+                    (transport, address), "refused unknown credentials over %s from %s", transport, address or "-"
+                )
         blocklist = self._blocklist
         if address is None or blocklist is None:
             return

@@ -206,6 +206,8 @@ def _revoke_everywhere(settings: Settings, device_id: str) -> None:
 
 def _messages(settings: Settings, args: argparse.Namespace) -> int:
     path = settings.data_dir / "messages"
+    if not path.is_dir() and not args.follow:  # run elsewhere, or another DATA_DIR: say where it looked
+        print(f"no embedded store in DATA_DIR={settings.data_dir} (no {path}/ yet)", file=sys.stderr)
     show: Callable[[dict[str, Any]], str] = _as_json if args.json else _as_text
     last = 0
     while True:

@@ -201,6 +201,16 @@ class Settings(BaseSettings):
             raise ValueError("KAFKA_ENABLED=true needs at least one broker (host:port)")
         return value
 
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        """redis-py's URL forms; blank means no Redis."""
+        if value is None or not value.strip():
+            return None
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"{value!r}: expected redis://host:port/db, rediss://... (TLS) or unix://path")
+        return value
+
     @field_validator(
         "rate_limit_device_messages",
         "rate_limit_device_telemetry_messages",

@@ -179,11 +179,12 @@ class DeviceApi:
             self.refused(device, transport, outcome.value)
 
     def refused(self, device: DeviceIdentity | None, transport: Transport, reason: str, detail: str = "") -> None:
-        """Every refusal is counted; it is logged once per device and reason per minute, not per message."""
+        """Every refusal is counted; it is logged once per device, reason and transport per minute, not per
+        message."""
         self.metrics.refused(transport.value, reason)
         name = device.name if device is not None else "-"
         self._refusal_log.warning(
-            (name, reason),
+            (name, reason, transport),  # per transport too: one's refusals must not hide another's
             "refused a message from device %s over %s: %s%s",
             name,
             transport.value,
