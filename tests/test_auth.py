@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from tb_gateway.app import Gateway
-from tb_gateway.auth import AccessToken, AuthService
+from tb_gateway.auth import AccessToken, AuthService, Credentials, is_remote
 from tb_gateway.config import Settings
 from tb_gateway.metrics import Metrics
+from tb_gateway.records import DeviceIdentity
 from tests.support import TokenSource
 
 
@@ -174,3 +175,64 @@ def test_a_wrong_token_over_http_or_coap_is_logged_once_per_address(caplog: Any)
         "refused unknown credentials over coap from 10.0.0.1",
         "refused unknown credentials over http from 10.0.0.2",
     ]
+
+
+class Shared:
+    """A SharedCache in a dict (what Redis holds for every instance)."""
+
+    def __init__(self) -> None:
+        self.entries: dict[Credentials, tuple[DeviceIdentity | None, str | None]] = {}
+        self.bound: AuthService | None = None
+
+    async def get(self, credentials: Credentials) -> tuple[bool, DeviceIdentity | None, str | None]:
+        if credentials not in self.entries:
+            return False, None, None
+        return True, *self.entries[credentials]
+
+    async def put(
+        self, credentials: Credentials, identity: DeviceIdentity | None, source: str | None, ttl_s: float
+    ) -> None:
+        self.entries[credentials] = (identity, source)
+
+    def bind(self, auth: AuthService) -> None:
+        self.bound = auth
+
+
+class Backend(TokenSource):
+    name = "backend"
+    remote = True  # shared by every instance, as ThingsBoard: one cached miss answers for it
+
+
+def test_a_shared_miss_is_final_for_remote_sources_only() -> None:
+    shared, registry, backend = Shared(), TokenSource({"local": "dev"}), Backend({})
+    auth = AuthService([registry, backend], Metrics(), ttl_s=3600, negative_ttl_s=5, shared=shared)
+    assert shared.bound is auth and is_remote(backend) and not is_remote(registry)
+    shared.entries[AccessToken("local")] = (None, None)  # another instance, whose registry lacks it, missed
+    shared.entries[AccessToken("guess")] = (None, None)
+
+    async def scenario() -> None:
+        device = await auth.authenticate(AccessToken("local"), "http")
+        assert device is not None and device.name == "dev"  # this instance's registry knows it
+        assert shared.entries[AccessToken("local")] == (device, "test")  # the hit replaces the shared miss
+        assert await auth.authenticate(AccessToken("guess"), "http") is None
+        assert (registry.lookups, backend.lookups) == (2, 0)  # the backend is never asked after a shared miss
+        assert await auth.authenticate(AccessToken("new"), "http") is None  # nothing shared: everyone is asked
+        assert (registry.lookups, backend.lookups) == (3, 1)
+
+    asyncio.run(scenario())
+
+
+def test_still_knows_asks_afresh() -> None:
+    auth, source, _clock, _metrics = make()
+
+    async def scenario() -> None:
+        device = await auth.authenticate(AccessToken("good"), "mqtt")
+        assert device is not None
+        assert auth.credentials_by_device() == {device.id: [AccessToken("good")]}
+        assert await auth.still_knows(device.id, [AccessToken("good")]) is True
+        assert await auth.still_knows("someone-else", [AccessToken("good")]) is False
+        del source.tokens["good"]
+        assert await auth.still_knows(device.id, [AccessToken("other"), AccessToken("good")]) is False
+        assert source.lookups == 5  # never the cache's answer
+
+    asyncio.run(scenario())

@@ -108,7 +108,12 @@ def test_auth_service_blocks_an_address_after_wrong_credentials(caplog: pytest.L
     assert value(metrics, "tb_gateway_auth_blocked_total", "http") == 1
     assert value(metrics, "tb_gateway_auth_failures_total", "coap") == 3
     lines = [r.getMessage() for r in caplog.records]
-    assert lines == ["address 192.0.2.7 blocked for 30 s after 3 wrong credentials"]
+    assert lines == [  # each transport's first wrong token per address (once a minute), then the block
+        "refused unknown credentials over http from 192.0.2.7",
+        "refused unknown credentials over http from 192.0.2.9",
+        "refused unknown credentials over coap from 192.0.2.7",
+        "address 192.0.2.7 blocked for 30 s after 3 wrong credentials",
+    ]
 
 
 def test_cached_answers_count_for_and_against_the_address() -> None:

@@ -641,6 +641,25 @@ def test_tls_listener(tmp_path: Path) -> None:
     run(tmp_path, scenario, tls=server_context, mqtt_ssl_enabled=True)
 
 
+def test_a_silent_socket_on_the_tls_port_is_closed_at_the_connect_timeout(tmp_path: Path) -> None:
+    """No handshake at all: closed like a plain socket that sends no CONNECT (asyncio's default 60 s left a
+    slowloris opening on the TLS port)."""
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    trustme.CA().issue_cert("127.0.0.1").configure_cert(server_context)
+
+    async def scenario(env: Env) -> None:
+        loop = asyncio.get_running_loop()
+        for port in env.server.ports:  # plain, then TLS
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            started = loop.time()
+            assert await asyncio.wait_for(reader.read(), 5.0) == b""  # closed by the gateway
+            assert loop.time() - started < 3.0
+            writer.close()
+            await writer.wait_closed()
+
+    run(tmp_path, scenario, tls=server_context, mqtt_ssl_enabled=True, mqtt_connect_timeout_seconds=0.5)
+
+
 def test_tls_settings_from_files(tmp_path: Path) -> None:
     ca = trustme.CA()
     cert = ca.issue_cert("127.0.0.1")

@@ -55,6 +55,20 @@ def test_rate_limited_device_gets_4_29_with_max_age(gateway_factory: GatewayFact
     assert gw.log().count("refused a message from device limited over coap: rate_limited") == 1  # one per window
 
 
+def test_max_age_is_for_the_refused_message_and_4_13_when_it_never_passes(gateway_factory: GatewayFactory) -> None:
+    gw = gateway_factory(rate_limit_enabled="true", rate_limit_device_telemetry_data_points="6:3").start()
+    gw.add_device("limited", TOKEN)
+    gw.add_device("other", "COAP_OTHER_TOKEN")
+    six = orjson.dumps({f"k{i}": i for i in range(6)}).decode()
+    assert coap_post(gw, body=six) == ("2.01", None)
+    code, max_age = coap_post(gw, body=six)
+    assert code == "4.29" and max_age == 3  # 6 points at 2 per second (one point: 1 s)
+    seven = orjson.dumps({f"k{i}": i for i in range(7)}).decode()
+    assert coap_post(gw, "COAP_OTHER_TOKEN", seven) == ("4.13", None)  # 7 points > capacity 6: never passes
+    assert len(telemetry(gw)) == 1
+    assert metric(gw, 'tb_gateway_rate_limited_total{limit="telemetry_data_points",transport="coap"} 2.0')
+
+
 def test_blocked_address_gets_4_29_and_no_lookup(gateway_factory: GatewayFactory) -> None:
     gw = gateway_factory(
         ip_block_enabled="true", ip_block_max_wrong_credentials="3", ip_block_timeout_seconds="60"

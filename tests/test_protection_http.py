@@ -4,6 +4,7 @@ limit and for an address blocked after wrong credentials — the block shared by
 from __future__ import annotations
 
 import subprocess
+import time
 
 import httpx
 import orjson
@@ -64,6 +65,28 @@ def test_rate_limited_device_gets_429_with_retry_after(gateway_factory: GatewayF
     assert 'tb_gateway_rate_limited_total{limit="telemetry_data_points",transport="http"} 1.0' in text
     assert 'tb_gateway_rate_limited_total{limit="messages",transport="http"} 4.0' in text
     assert gw.log().count("refused a message from device limited over http: rate_limited") == 1
+
+
+def test_retry_after_is_for_the_refused_message_and_413_when_it_never_passes(gateway_factory: GatewayFactory) -> None:
+    """Data points: Retry-After is the wait for the refused message's own points (not one point's), so the
+    device that waits that long gets in; a message with more points than the bucket holds gets 413."""
+    gw = gateway_factory(rate_limit_enabled="true", rate_limit_device_telemetry_data_points="6:3").start()
+    gw.add_device("limited", TOKEN)
+    gw.add_device("other", OTHER)
+    six = orjson.dumps({f"k{i}": i for i in range(6)}).decode()
+    assert curl_post(gw, TOKEN, six)[0] == 200
+    status, headers, _ = curl_post(gw, TOKEN, six)
+    assert status == 429 and int(headers["retry-after"]) == 3  # 6 points at 2 per second (one point: 1 s)
+    time.sleep(int(headers["retry-after"]))
+    assert curl_post(gw, TOKEN, six)[0] == 200  # waited as told: it passes
+    seven = orjson.dumps({f"k{i}": i for i in range(7)}).decode()
+    status, headers, body = curl_post(gw, OTHER, seven)  # a fresh device, but 7 points > capacity 6
+    assert status == 413 and "retry-after" not in headers
+    assert orjson.loads(body) == {"error": "rate_limited: more data points than the rate limit allows in one message"}
+    with httpx.Client(base_url=gw.base_url) as keep_alive:  # answered, and the connection carries on
+        assert keep_alive.post(f"/api/v1/{OTHER}/telemetry", content=seven).status_code == 413
+        assert keep_alive.post(f"/api/v1/{OTHER}/telemetry", content=six).status_code == 200
+    assert 'tb_gateway_rate_limited_total{limit="telemetry_data_points",transport="http"} 3.0' in metrics(gw)
 
 
 def test_blocked_address_gets_429_on_every_transport(gateway_factory: GatewayFactory) -> None:

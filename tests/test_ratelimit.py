@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from pathlib import Path
 
 import pytest
@@ -119,8 +120,20 @@ def test_telemetry_limits_and_data_points() -> None:
 def test_a_message_larger_than_a_bucket_never_passes() -> None:
     limiter = DeviceLimiter((), (), parse_limit("10:1,100:60"))
     refused = limiter.try_acquire("d", 0.0, data_points=11)
-    assert refused is not None and refused.retry_after_s == 1  # the answer: that bucket's whole period
+    assert refused is not None and refused.retry_after_s == math.inf and not refused.passable  # no wait helps
     assert limiter.try_acquire("d", 1000.0, data_points=11) is not None
+    assert limiter.try_acquire("d", 1000.0, data_points=10) is None
+    short = limiter.try_acquire("d", 1000.0, data_points=10)  # within capacity: it only has to wait
+    assert short is not None and short.passable and short.retry_after_s == pytest.approx(1.0)
+
+
+def test_retry_after_is_the_wait_for_the_refused_message_itself() -> None:
+    limiter = DeviceLimiter((), (), parse_limit("10:10"))  # one data point per second
+    assert limiter.try_acquire("d", 0.0, data_points=10) is None
+    refused = limiter.try_acquire("d", 0.0, data_points=10)
+    assert refused is not None and refused.retry_after_s == pytest.approx(10.0)  # ten points: ten seconds
+    assert limiter.try_acquire("d", refused.retry_after_s - 0.01, data_points=10) is not None
+    assert limiter.try_acquire("d", refused.retry_after_s, data_points=10) is None
 
 
 def test_first_short_limit_is_named_slowest_decides_the_wait() -> None:
@@ -272,6 +285,32 @@ def test_device_api_refuses_over_limit_before_admission(tmp_path: Path, caplog: 
     assert len(lines) == 1 and "dev1" in lines[0] and "telemetry_data_points limit 5:60" in lines[0]
     assert api.rate_limit_wait_s(dev) == pytest.approx(20.0)  # 3 per 60 s: one token per 20 s
     assert api.rate_limit_wait_s(other) == 0.0
+
+
+def test_device_api_wait_is_for_the_refused_message(tmp_path: Path) -> None:
+    """Retry-After / Max-Age: the refused message passes after the wait (not a one-point message); a message
+    that can never pass says so (``math.inf``: the transports answer 413 / 4.13)."""
+    sink, clock = MemorySink(), Clock()
+    api = limited_api(tmp_path, sink, clock, rate_limit_device_telemetry_data_points="10:10")
+    dev, fresh = DeviceIdentity("id-1", "dev1"), DeviceIdentity("id-2", "dev2")
+    ten = b'{"k0":0,"k1":1,"k2":2,"k3":3,"k4":4,"k5":5,"k6":6,"k7":7,"k8":8,"k9":9}'
+
+    async def scenario() -> None:
+        runner = asyncio.create_task(api.pipeline.run())
+        assert await api.post(dev, RecordKind.TELEMETRY, ten, Transport.HTTP) is Outcome.DELIVERED  # type: ignore[misc]
+        assert api.post(dev, RecordKind.TELEMETRY, ten, Transport.HTTP) is Outcome.RATE_LIMITED
+        assert api.rate_limit_wait_s(dev) == pytest.approx(10.0)  # ten points at one per second
+        clock.now += 4.0
+        assert api.rate_limit_wait_s(dev) == pytest.approx(6.0)  # asked later: what is left of it
+        clock.now += 6.0
+        assert await api.post(dev, RecordKind.TELEMETRY, ten, Transport.HTTP) is Outcome.DELIVERED  # type: ignore[misc]
+        eleven = ten[:-1] + b',"k10":10}'
+        assert api.post(fresh, RecordKind.TELEMETRY, eleven, Transport.COAP) is Outcome.RATE_LIMITED
+        assert api.rate_limit_wait_s(fresh) == math.inf
+        api.pipeline.close()
+        await runner
+
+    asyncio.run(scenario())
 
 
 def test_device_api_session_limits_report_the_configuration(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from tb_gateway.auth import AccessToken, AuthService, MqttBasic
+from tb_gateway.errors import CredentialsUnavailable
 from tb_gateway.metrics import Metrics
 from tb_gateway.records import DeviceIdentity
 from tb_gateway.redis_cache import RedisCache, credential_key, revoke_device
@@ -34,18 +35,27 @@ class Instance:
     reconnects: int = 0
 
 
+class RemoteSource(TokenSource):
+    """A source every instance shares (as the ThingsBoard backend): a miss cached in Redis answers for it."""
+
+    remote = True
+
+
 @asynccontextmanager
-async def instance(url: str, tokens: dict[str, str], negative_ttl_s: float = 5.0) -> AsyncIterator[Instance]:
+async def instance(
+    url: str, tokens: dict[str, str], negative_ttl_s: float = 5.0, remote: bool = False
+) -> AsyncIterator[Instance]:
     metrics = Metrics()
-    source = TokenSource(tokens)
+    source = RemoteSource(tokens) if remote else TokenSource(tokens)
     box: list[Instance] = []
 
-    def revoked(device_id: str) -> None:
+    def revoked(device_id: str) -> None:  # as Gateway.device_revoked, but the sessions closed are a list
         box[0].revoked.append(device_id)
         box[0].auth.invalidate(lambda _c, identity: identity is not None and identity.id == device_id)
 
-    def reconnected() -> None:
+    def reconnected() -> None:  # as the gateway: the local cache is dropped
         box[0].reconnects += 1
+        box[0].auth.invalidate()
 
     cache = RedisCache(
         url,
@@ -88,13 +98,96 @@ def test_instances_share_hits_and_misses(redis_server: RedisServer) -> None:
             # B's own sources do not know T1: Redis answers, B's source is never asked
             assert await b.auth.authenticate(AccessToken("T1"), "mqtt") == device
             assert b.source.lookups == 0
-            # a miss learned by B is not asked again by A
+            # a miss learned by B: A still asks its own (local) registry, which may know what B's does not
             assert await b.auth.authenticate(AccessToken("guess"), "coap") is None
             assert await a.auth.authenticate(AccessToken("guess"), "coap") is None
-            assert (a.source.lookups, b.source.lookups) == (1, 1)
+            assert (a.source.lookups, b.source.lookups) == (2, 1)
             # MQTT basic credentials are separate keys: same user name as a token, different answer
             assert await b.auth.authenticate(MqttBasic("c", "T1", "pw"), "mqtt") is None
             assert b.source.lookups == 2
+
+    run(scenario)
+
+
+def test_a_miss_cached_elsewhere_does_not_hide_a_device_the_local_registry_knows(redis_server: RedisServer) -> None:
+    async def scenario() -> None:
+        async with instance(redis_server.url, {"T2": "dev2"}) as a, instance(redis_server.url, {}) as b:
+            assert await b.auth.authenticate(AccessToken("T2"), "http") is None  # B's registry: unknown; cached
+            device = await a.auth.authenticate(AccessToken("T2"), "http")  # A's registry knows it
+            assert device is not None and device.name == "dev2"
+            # and the hit replaced the shared miss: an instance that did not ask yet learns it from Redis
+            async with instance(redis_server.url, {}) as c:
+                assert await c.auth.authenticate(AccessToken("T2"), "mqtt") == device
+
+    run(scenario)
+
+
+def test_a_shared_miss_answers_for_remote_sources(redis_server: RedisServer) -> None:
+    """A token guessed on one instance costs the backend (a remote source, the same for all) nothing more."""
+
+    async def scenario() -> None:
+        async with (
+            instance(redis_server.url, {}, remote=True) as a,
+            instance(redis_server.url, {}, remote=True) as b,
+        ):
+            assert await a.auth.authenticate(AccessToken("guess"), "http") is None
+            assert await b.auth.authenticate(AccessToken("guess"), "http") is None
+            assert (a.source.lookups, b.source.lookups) == (1, 0)
+
+    run(scenario)
+
+
+def test_sessions_of_a_device_removed_during_an_outage_close_when_redis_is_back(redis_server: RedisServer) -> None:
+    """Revocations published while Redis is away are lost; on reconnecting an instance looks its live sessions'
+    credentials up afresh and closes (as a revocation does) the devices they no longer name."""
+
+    async def scenario() -> None:
+        async with instance(redis_server.url, {"T1": "dev1"}) as a, instance(redis_server.url, {}) as b:
+            b.source.tokens.update({"T2": "dev2", "T4": "dev4"})
+            assert await a.auth.authenticate(AccessToken("T1"), "http") is not None
+            dev1 = await b.auth.authenticate(AccessToken("T1"), "mqtt")  # learned from Redis (A's registry)
+            dev2 = await b.auth.authenticate(AccessToken("T2"), "mqtt")  # B's own registry
+            dev4 = await b.auth.authenticate(AccessToken("T4"), "mqtt")
+            assert dev1 is not None and dev2 is not None and dev4 is not None
+            basic = DeviceIdentity("id-basic", "basic")  # no token, nothing cached: cannot be asked about
+            b.cache.live_devices = lambda: [dev1, dev2, dev4, basic]  # the router's live sessions
+            redis_server.stop()
+            await until(lambda: not b.cache.up and not a.cache.up, 3.0)
+            del a.source.tokens["T1"]  # removed meanwhile: nobody hears the revocation
+            del b.source.tokens["T2"]
+            lookups = b.source.lookups
+            redis_server.start()  # empty again (no persistence), as after a Redis restart
+            await until(lambda: b.reconnects == 1, 5.0)
+            await until(lambda: sorted(b.revoked) == ["id-dev1", "id-dev2"], 2.0)
+            await asyncio.sleep(0.2)
+            assert sorted(b.revoked) == ["id-dev1", "id-dev2"]  # dev4 still known, "basic" left alone
+            assert b.source.lookups == lookups + 3  # one fresh lookup per device with credentials
+            # the re-check's answers are cached: dev4 connecting again costs nothing more
+            assert await b.auth.authenticate(AccessToken("T4"), "mqtt") == dev4
+            assert b.source.lookups == lookups + 3
+
+    run(scenario)
+
+
+def test_the_re_check_keeps_a_device_nobody_can_vouch_against(redis_server: RedisServer) -> None:
+    """A source that cannot answer (ThingsBoard unreachable) is no reason to close a session."""
+
+    async def scenario() -> None:
+        async with instance(redis_server.url, {"T1": "dev1"}) as a:
+            dev1 = await a.auth.authenticate(AccessToken("T1"), "mqtt")
+            assert dev1 is not None
+            a.cache.live_devices = lambda: [dev1]
+            redis_server.stop()
+            await until(lambda: not a.cache.up, 3.0)
+
+            async def unavailable(credentials: object) -> DeviceIdentity | None:
+                raise CredentialsUnavailable("ThingsBoard unreachable")
+
+            a.source.lookup = unavailable  # type: ignore[method-assign]
+            redis_server.start()
+            await until(lambda: a.reconnects == 1, 5.0)
+            await asyncio.sleep(0.3)
+            assert a.revoked == []
 
     run(scenario)
 

@@ -3,6 +3,7 @@ reaches both, and a gateway whose Redis goes away keeps serving and says so in /
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import httpx
@@ -10,6 +11,7 @@ import pytest
 
 from tests.conftest import GatewayFactory
 from tests.harness.redis import RedisServer
+from tests.mqtt_support import Client
 
 pytestmark = pytest.mark.slow
 
@@ -65,3 +67,46 @@ def test_redis_down_health_degraded_devices_still_served(
     redis_server.start()
     wait_for(lambda: httpx.get(f"{gw.base_url}/health").json()["status"] == "up", 5.0)
     assert post(gw.base_url) == 200
+
+
+def test_a_miss_cached_by_another_instance_does_not_hide_a_device_known_here(
+    gateway_factory: GatewayFactory, redis_server: RedisServer
+) -> None:
+    common = {"redis_url": redis_server.url, "auth_negative_cache_ttl_seconds": "3"}
+    a = gateway_factory("a", **common).start()
+    b = gateway_factory("b", **common).start()
+    a.add_device("only-on-a", TOKEN)  # in A's registry only
+    assert post(b.base_url) == 401  # B's registry does not know it: a miss, cached in Redis for 3 s
+    assert post(a.base_url) == 200  # A still asks its own registry
+    wait_for(lambda: post(b.base_url) == 200, 6.0)  # and B learns it from Redis once its own miss expires
+
+
+def test_a_removal_missed_during_a_redis_outage_closes_the_session_when_redis_is_back(
+    gateway_factory: GatewayFactory, redis_server: RedisServer
+) -> None:
+    common = {"redis_url": redis_server.url}
+    a = gateway_factory("a", **common).start()
+    b = gateway_factory("b", **common).start()
+    a.add_device("removed", TOKEN)
+    b.add_device("kept-b", "REDIS_KEPT_B_TOKEN")
+    assert post(a.base_url) == 200  # now in Redis: B learns it from there
+
+    async def scenario() -> None:
+        removed = await Client.open(b.mqtt_port, 5)
+        assert (await removed.connect(username=TOKEN)).reason_code == 0
+        kept = await Client.open(b.mqtt_port, 5)
+        assert (await kept.connect(username="REDIS_KEPT_B_TOKEN")).reason_code == 0  # B's own registry
+        redis_server.stop()
+        await asyncio.sleep(0.5)
+        assert "unreachable" in a.cli("device", "remove", "removed").stderr  # the revocation reaches nobody
+        assert await removed.silent(1.5)  # B does not know yet
+        redis_server.start()
+        await removed.until_closed(5.0)  # Redis back: B re-checks its live sessions, as a revocation closes
+        assert await kept.silent(1.0)
+        again = await Client.open(b.mqtt_port, 5)
+        assert (await again.connect(username=TOKEN)).reason_code != 0
+        await again.close()
+        await kept.close()
+
+    asyncio.run(scenario())
+    assert "device removed is no longer known after the Redis outage: closing its sessions" in b.log()

@@ -127,6 +127,18 @@ async def with_replay(sink: SpoolingSink, body: Any) -> Any:
         await asyncio.wait_for(runner, 5)
 
 
+def test_a_backend_down_on_a_quiet_gateway_is_degraded_not_down(tmp_path: Path) -> None:
+    """Nothing spooled yet, the backend down: the gateway still takes messages (into the spool), so /health
+    must not take it out of a load balancer (it said down until the first message was spooled)."""
+    primary = Primary()
+    primary.reports_down = True
+    sink = make(tmp_path, primary)
+    assert sink.spool.records == 0
+    assert sink.health()["status"] == "degraded"
+    primary.reports_down = False
+    assert sink.health()["status"] == "up"
+
+
 def test_healthy_primary_passes_through_and_spool_stays_empty(tmp_path: Path) -> None:
     primary = Primary()
     sink = make(tmp_path, primary)

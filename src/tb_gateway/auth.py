@@ -52,7 +52,12 @@ Credentials = AccessToken | MqttBasic | X509Fingerprint
 
 
 class CredentialSource(Protocol):
-    """Resolves credentials it knows; answers ``None`` for credentials it does not know."""
+    """Resolves credentials it knows; answers ``None`` for credentials it does not know.
+
+    A source with a true ``remote`` class attribute (``is_remote``) is one every instance shares, such as
+    the ThingsBoard backend: a miss cached in the ``SharedCache`` speaks for it, so it is not asked again. The
+    others (the embedded registry: each instance has its own, and asking it is cheap) are asked even then.
+    """
 
     name: str
 
@@ -68,6 +73,15 @@ class SharedCache(Protocol):
     async def put(
         self, credentials: Credentials, identity: DeviceIdentity | None, source: str | None, ttl_s: float
     ) -> None: ...
+
+    def bind(self, auth: AuthService) -> None:
+        """Called once by the ``AuthService`` that uses the cache (its re-check after an outage needs it)."""
+        ...
+
+
+def is_remote(source: CredentialSource) -> bool:
+    """A source shared by every instance (``remote = True``): one cached miss in Redis answers for it."""
+    return bool(getattr(source, "remote", False))
 
 
 @dataclass(slots=True)
@@ -100,6 +114,8 @@ class AuthService:
         self._pending: dict[Credentials, asyncio.Future[DeviceIdentity | None]] = {}
         self._shared = shared
         self._blocklist = blocklist
+        if shared is not None:
+            shared.bind(self)
         # a wrong token over HTTP or CoAP, logged once per transport and address per minute
         self._failure_log = Throttle(log, period_s=60.0)
 
@@ -205,20 +221,51 @@ class AuthService:
         return identity
 
     async def _ask_sources(self, credentials: Credentials) -> tuple[DeviceIdentity | None, str | None]:
+        """The shared cache first; a hit there is final, a miss only for remote sources: another instance
+        cached it, whose own registry may not know a device this instance's registry knows."""
         shared = self._shared
+        shared_miss = False
         if shared is not None:
             known, identity, name = await shared.get(credentials)
-            if known:
+            if known and identity is not None:
                 return identity, name
+            shared_miss = known
         identity, name = None, None
         for source in self._sources:
+            if shared_miss and is_remote(source):
+                continue
             identity = await source.lookup(credentials)
             if identity is not None:
                 name = source.name
                 break
-        if shared is not None:
+        if shared is not None and not (shared_miss and identity is None):  # a hit replaces the shared miss
             await shared.put(credentials, identity, name, self._ttl_s if identity is not None else self._negative_ttl_s)
         return identity, name
+
+    def credentials_by_device(self) -> dict[str, list[Credentials]]:
+        """Device id -> the credentials the cache holds for it, expired answers included (a live session
+        outlives its cache entry): what a device's live sessions may have authenticated with."""
+        known: dict[str, list[Credentials]] = {}
+        for credentials, entry in self._cache.items():
+            if entry.identity is not None:
+                known.setdefault(entry.identity.id, []).append(credentials)
+        return known
+
+    async def still_knows(self, device_id: str, candidates: Sequence[Credentials]) -> bool | None:
+        """Whether any of ``candidates`` still resolves to ``device_id``, asked afresh (shared cache, then the
+        sources, as a new connection would be; the answers are cached). ``None``: a source could not answer
+        (``CredentialsUnavailable``, an error), so nobody can tell."""
+        unsure = False
+        for credentials in candidates:
+            try:
+                identity = await self._resolve(credentials)
+            except Exception as exc:  # any failure means "cannot tell", never "gone"
+                log.warning("could not re-check the credentials of device %s: %s", device_id, exc)
+                unsure = True
+                continue
+            if identity is not None and identity.id == device_id:
+                return True
+        return None if unsure else False
 
     def _remember(self, credentials: Credentials, identity: DeviceIdentity | None, source: str | None) -> None:
         if len(self._cache) >= self._max_entries:

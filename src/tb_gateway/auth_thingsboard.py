@@ -44,6 +44,7 @@ class ThingsBoardCredentialSource:
     """
 
     name = "thingsboard"
+    remote = True  # shared by every instance: a miss cached in Redis answers for it too (auth.is_remote)
 
     def __init__(self, base_url: str, metrics: Metrics, *, timeout_s: float = 10.0, max_connections: int = 32) -> None:
         self.base_url = base_url

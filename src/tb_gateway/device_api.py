@@ -11,6 +11,7 @@ PayloadError           400 + JSON error    4.00              PUBACK 0x99      cl
 QUEUE_FULL/SPOOL_FULL  503 + Retry-After   5.03 + Max-Age    PUBACK 0x97      close
 REJECTED               500 ... see docs    5.00              PUBACK 0x80      close
 RATE_LIMITED           429 + Retry-After   4.29 + Max-Age    PUBACK 0x96      close
+RATE_LIMITED, never    413                 4.13              PUBACK 0x96      close
 =====================  ==================  ================  ===============  ==================
 
 Per-device rate limits (``ratelimit.py``) are checked after parsing (telemetry data points are counted) and
@@ -81,6 +82,8 @@ class DeviceApi:
         self.limiter = configured(settings)
         limits = self.limiter.limits if self.limiter is not None else ((), (), ())
         self._limit_specs = [format_limit(limit) for limit in limits]
+        # (device id, clock_s, wait) of the latest refusal: what ``rate_limit_wait_s`` answers for it
+        self._last_refusal: tuple[str, float, float] = ("", 0.0, 0.0)
         self._rules = ValueRules(settings.json_type_cast_enabled, settings.json_max_string_value_length)
         self._received = {t: metrics.messages_received.labels(transport=t.value) for t in Transport}
         self._refusal_log = Throttle(log, period_s=60.0)
@@ -157,16 +160,27 @@ class DeviceApi:
     ) -> bool:
         assert self.limiter is not None
         points = sum(len(record.values) for record in records) if kind is RecordKind.TELEMETRY else None
-        exceeded = self.limiter.try_acquire(device.id, self._clock_s(), points)
+        now = self._clock_s()
+        exceeded = self.limiter.try_acquire(device.id, now, points)
         if exceeded is None:
             return False
+        self._last_refusal = (device.id, now, exceeded.retry_after_s)
         self.metrics.rate_limited.labels(transport=transport.value, limit=exceeded.limit).inc()
         self.refused(device, transport, Outcome.RATE_LIMITED.value, f"{exceeded.limit} limit {exceeded.spec}")
         return True
 
     def rate_limit_wait_s(self, device: DeviceIdentity) -> float:
-        """Seconds until ``device`` may send again (0 when it may now): Retry-After / Max-Age of a 429 / 4.29."""
-        return self.limiter.wait_s(device.id, self._clock_s()) if self.limiter is not None else 0.0
+        """Seconds until ``device`` may send again the message ``post`` just refused with RATE_LIMITED (its
+        data points counted): Retry-After / Max-Age of a 429 / 4.29. ``math.inf`` when that message can never
+        pass (more data points than a bucket holds: the transports answer 413 / 4.13). For a device with no
+        refusal just now: the wait for a message of one data point (0 when it may send now)."""
+        if self.limiter is None:
+            return 0.0
+        now = self._clock_s()
+        device_id, refused_at, wait = self._last_refusal
+        if device_id == device.id:
+            return max(0.0, wait - max(0.0, now - refused_at))
+        return self.limiter.wait_s(device.id, now)
 
     def _attributes_delivered(self, done: asyncio.Future[Outcome], records: list[Record]) -> None:
         if not done.cancelled() and done.result().delivered:

@@ -72,13 +72,20 @@ def format_limit(limit: Limit) -> str | None:
 
 @dataclass(frozen=True, slots=True)
 class LimitExceeded:
-    """Why a message was refused, and how long until the device may send again."""
+    """Why a message was refused, and how long until the device may send it again."""
 
     limit: str  # "messages", "telemetry_messages" or "telemetry_data_points"
     spec: str  # the limit as configured, e.g. "20:1,600:60"
-    retry_after_s: float
+    retry_after_s: float  # until this very message would pass; ``math.inf``: never (see ``passable``)
+
+    @property
+    def passable(self) -> bool:
+        """False for a message that needs more tokens than a bucket holds: no wait lets it through."""
+        return self.retry_after_s != math.inf
 
 
+# the error of a 413 / 4.13 for a message no wait lets through (LimitExceeded.passable): the device must split it
+NEVER_PASSES = "rate_limited: more data points than the rate limit allows in one message"
 SWEEP_PER_CALL = 64  # idle devices forgotten per call at most: every one goes once, and no call pays for many
 LIMIT_NAMES = ("messages", "telemetry_messages", "telemetry_data_points")  # in DeviceLimiter.limits order
 
@@ -123,7 +130,8 @@ class DeviceLimiter:
         return None if allowed else self._refusal(state, needs)
 
     def wait_s(self, key: str, now: float) -> float:
-        """Seconds until one more message (of one data point) would pass; 0 when it would pass now."""
+        """Seconds until one more message of one data point would pass; 0 when it would pass now. The wait
+        for a message that was refused is its ``LimitExceeded.retry_after_s``, which counts its data points."""
         state = self._states.get(key)
         if state is None:
             return 0.0
@@ -147,8 +155,8 @@ class DeviceLimiter:
         return state
 
     def _refusal(self, state: array[float], needs: Sequence[int]) -> LimitExceeded:
-        """Name the first limit that is short; wait for the slowest short bucket (a need above a bucket's
-        capacity can never pass: the answer is then that bucket's whole period)."""
+        """Name the first limit that is short; wait for the slowest short bucket, so the refused message
+        itself passes after the wait (a need above a bucket's capacity can never pass: ``math.inf``)."""
         first: int | None = None
         wait = 0.0
         for i, bucket in enumerate(self._buckets):
@@ -157,7 +165,7 @@ class DeviceLimiter:
                 continue
             first = self._kind[i] if first is None else first
             short = need - state[i + 1]
-            wait = max(wait, bucket.period_s if need > bucket.capacity else short / bucket.rate)
+            wait = max(wait, math.inf if need > bucket.capacity else short / bucket.rate)
         assert first is not None
         return LimitExceeded(LIMIT_NAMES[first], format_limit(self.limits[first]) or "", wait)
 
@@ -176,7 +184,8 @@ class DeviceLimiter:
 
 
 def ceil_seconds(wait_s: float) -> int:
-    """A wait as whole seconds for Retry-After / Max-Age: at least 1, never rounding down to a premature retry."""
+    """A wait as whole seconds for Retry-After / Max-Age: at least 1, never rounding down to a premature retry.
+    Finite waits only: a message that can never pass (``LimitExceeded.passable``) gets no Retry-After."""
     return max(1, math.ceil(wait_s))
 
 

@@ -17,8 +17,11 @@ Why Redis and nothing home-made (DESIGN.md §3): instances stay stateless; Redis
 
 Redis down: lookups skip it at once (no waiting on a dead server), the gateway runs on its local cache, and
 ``health()`` says ``degraded``. Revocations published meanwhile cannot reach an instance that does not hear
-Redis, so on reconnecting it drops its whole local cache (``on_reconnected``): the bound on a missed
-revocation is the outage itself, not a TTL.
+Redis, so on reconnecting it drops its whole local cache (``on_reconnected``) and re-checks the devices of
+its live sessions (``live_devices``, given by the downlink router): each one's credentials are looked up
+afresh (Redis, then the sources, as a new connection would be), and a device they no longer name is closed
+the way a revocation closes it (``on_revoked``). The bound on a missed revocation is the outage itself (plus
+the re-check), not a TTL.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import hashlib
 import logging
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import orjson
@@ -39,7 +42,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from tb_gateway.auth import AccessToken, Credentials, MqttBasic, X509Fingerprint
+from tb_gateway.auth import AccessToken, AuthService, Credentials, MqttBasic, X509Fingerprint
 from tb_gateway.metrics import Metrics
 from tb_gateway.records import DeviceIdentity
 
@@ -50,6 +53,7 @@ POLL_S = 0.2  # the subscriber's wait for a message before it looks at its outbo
 MAX_ANNOUNCEMENTS = 10_000  # session announcements waiting to be published; beyond it the oldest go
 RACE_S = 10.0  # how long a local connect is remembered to tell which of two crossing announcements is newer
 MISS = b"-"  # the value of a cached miss
+RECHECK_CONCURRENCY = 8  # live sessions' devices re-checked at once after an outage (each may ask ThingsBoard)
 
 Errors = (RedisError, OSError, TimeoutError)
 
@@ -112,7 +116,15 @@ class RedisCache:
         }
         self._closed = asyncio.Event()
         self.up_listeners: list[Callable[[], object]] = []  # every (re)connection, the first included
+        # the devices of this process's live sessions (set by the downlink router): re-checked on reconnecting
+        self.live_devices: Callable[[], Iterable[DeviceIdentity]] | None = None
+        self._auth: AuthService | None = None
+        self._recheck: asyncio.Task[None] | None = None
         metrics.redis_up.set(0)
+
+    def bind(self, auth: AuthService) -> None:
+        """``SharedCache``: the auth service whose answers this caches (the re-check after an outage asks it)."""
+        self._auth = auth
 
     def listen(self, channel: str, handler: Callable[[bytes], None]) -> None:
         """Also subscribe to ``channel`` (before ``run``): the downlink router's per-process channel."""
@@ -269,12 +281,58 @@ class RedisCache:
         self._metrics.redis_up.set(1)
         if self._ever_up:
             log.warning("Redis is back: dropping the local credential cache (revocations may have been missed)")
+            known = self._auth.credentials_by_device() if self._auth is not None else {}
             self._on_reconnected()
+            self._start_recheck(known)
         else:
             log.info("Redis connected: shared credential cache at %s", _safe(self.url))
         self._ever_up = True
         for listener in self.up_listeners:
             listener()
+
+    def _start_recheck(self, known: Mapping[str, list[Credentials]]) -> None:
+        if self._auth is None or self.live_devices is None:
+            return
+        if self._recheck is not None:
+            self._recheck.cancel()  # a newer outage ended: start over with what is live now
+        devices = {device.id: device for device in self.live_devices()}
+        if devices:
+            self._recheck = asyncio.get_running_loop().create_task(self._recheck_sessions(devices, known))
+
+    async def _recheck_sessions(
+        self, devices: Mapping[str, DeviceIdentity], known: Mapping[str, list[Credentials]]
+    ) -> None:
+        """Close the live sessions of devices whose credentials no longer name them (revoked while Redis was
+        away). A device whose credentials are unknown here, or whose sources cannot answer, keeps its sessions."""
+        auth = self._auth
+        assert auth is not None
+        pending = iter(devices.values())
+        gone: list[str] = []
+
+        async def worker() -> None:
+            for device in pending:
+                candidates = list(known.get(device.id, ()))
+                if device.token and AccessToken(device.token) not in candidates:
+                    candidates.append(AccessToken(device.token))
+                if not candidates:
+                    continue  # how it authenticated is forgotten here: nothing to ask
+                verdict = await auth.still_knows(device.id, candidates)
+                if not self._up:
+                    return  # Redis went away again: without it a device other instances know looks gone
+                if verdict is False:
+                    gone.append(device.id)
+                    log.warning(
+                        "device %s is no longer known after the Redis outage: closing its sessions", device.name
+                    )
+                    self._on_revoked(device.id)
+
+        try:
+            await asyncio.gather(*(worker() for _ in range(min(RECHECK_CONCURRENCY, len(devices)))))
+        except Exception:
+            log.exception("re-checking the live sessions after the Redis outage failed")
+            return
+        if self._up:
+            log.info("re-checked %d live device(s) after the Redis outage: %d no longer known", len(devices), len(gone))
 
     def _down(self, exc: BaseException) -> None:
         if self._closed.is_set():
@@ -298,6 +356,10 @@ class RedisCache:
 
     async def close(self) -> None:
         self._closed.set()
+        if self._recheck is not None:
+            self._recheck.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._recheck
         await self._redis.aclose()
 
 

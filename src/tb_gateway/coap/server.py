@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Callable, Coroutine
 from functools import partial
 from typing import Any, NamedTuple
@@ -44,7 +45,7 @@ from tb_gateway.device_api import DeviceApi
 from tb_gateway.downlink.sessions import Feature
 from tb_gateway.errors import AddressBlocked, CredentialsUnavailable, PayloadError
 from tb_gateway.pipeline import when_settled
-from tb_gateway.ratelimit import ceil_seconds
+from tb_gateway.ratelimit import NEVER_PASSES, ceil_seconds
 from tb_gateway.records import DeviceIdentity, RecordKind, Transport
 from tb_gateway.sinks.base import Outcome
 
@@ -308,8 +309,12 @@ class CoapServer:
         except PayloadError as exc:
             self._answer(exchange, Code.BAD_REQUEST, str(exc).encode()[:256])
             return
-        if admitted is Outcome.RATE_LIMITED:  # RFC 8516 4.29, Max-Age = when the device may send again
-            self._answer(exchange, Code.TOO_MANY_REQUESTS, options=_max_age(self.api.rate_limit_wait_s(device)))
+        if admitted is Outcome.RATE_LIMITED:  # RFC 8516 4.29, Max-Age = when the device may send this again
+            wait = self.api.rate_limit_wait_s(device)
+            if wait == math.inf:  # more data points than the limit allows at once: no wait helps (HTTP 413)
+                self._answer(exchange, Code.REQUEST_ENTITY_TOO_LARGE, NEVER_PASSES.encode())
+            else:
+                self._answer(exchange, Code.TOO_MANY_REQUESTS, options=_max_age(wait))
         elif isinstance(admitted, Outcome):
             self._outcome(exchange, admitted)
         else:

@@ -424,4 +424,5 @@ def build(hub: Downlink, cache: RedisCache, instance: str) -> Router:
     cache.listen(directory.channel(router.id), router.on_message)
     cache.listen(directory.shared_channel, router.on_shared)
     cache.up_listeners.append(router.resync)
+    cache.live_devices = lambda: [session.device for session in hub.sessions]  # re-checked after an outage
     return router

@@ -6,14 +6,16 @@ pipeline's delivery confirmation; later, the downlink's long polls): the connect
 
 Status codes (docs/device-api.md): DELIVERED -> 200; a bad payload -> 400 with ``{"error": "<where, what>"}``
 (ThingsBoard answers 500 here); QUEUE_FULL / SPOOL_FULL / SHUTTING_DOWN -> 503 + Retry-After; RATE_LIMITED
--> 429 + Retry-After (seconds until the device may send again; docs/scale-out.md); REJECTED / SINK_FAILED ->
-500, each with ``{"error": "<outcome>"}``.
+-> 429 + Retry-After (seconds until the device may send that message again; docs/scale-out.md), or 413 when
+it can never pass (more data points than the limit allows at once); REJECTED / SINK_FAILED -> 500, each with
+``{"error": "<outcome>"}``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -24,7 +26,7 @@ from tb_gateway.errors import PayloadError
 from tb_gateway.http.routes import Endpoint, Match, query_values
 from tb_gateway.http.wire import Answer, Reply, error, json_answer
 from tb_gateway.normalize import key_list
-from tb_gateway.ratelimit import ceil_seconds
+from tb_gateway.ratelimit import NEVER_PASSES, ceil_seconds
 from tb_gateway.records import DeviceIdentity, RecordKind, Transport
 from tb_gateway.sinks.base import Outcome
 
@@ -131,7 +133,10 @@ class Handlers:
             return self.overloaded(outcome.value)
         if outcome is Outcome.RATE_LIMITED:
             assert request.device is not None
-            return too_many(outcome.value, self.api.rate_limit_wait_s(request.device))
+            wait = self.api.rate_limit_wait_s(request.device)
+            if wait == math.inf:  # more data points than the limit lets through at once: waiting cannot help
+                return error(413, NEVER_PASSES)
+            return too_many(outcome.value, wait)
         return error(500, outcome.value)
 
     def attribute_request(self, request: Request) -> Reply:

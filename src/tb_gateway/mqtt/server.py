@@ -132,6 +132,9 @@ class MqttServer:
                 s.mqtt_bind_address,
                 s.mqtt_ssl_bind_port,
                 ssl=tls,
+                # a client that never completes its handshake gets no longer than one that never sends CONNECT
+                # (asyncio's default is 60 s: a slowloris opening on the TLS port)
+                ssl_handshake_timeout=s.mqtt_connect_timeout_seconds,
                 backlog=4096,
                 reuse_port=shared,
             )

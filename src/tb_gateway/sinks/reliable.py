@@ -107,10 +107,11 @@ class SpoolingSink:
         primary = self.primary.health()
         spool = self.spool.stats(self._clock_ms())
         spool["refusing"] = self._refusing
-        if self.spool.records == 0:
-            status = primary.get("status", "up")
-        else:
-            status = "down" if self._refusing and primary.get("status") == "down" else "degraded"
+        primary_status = primary.get("status", "up")
+        if self.spool.records == 0 and primary_status != "down":
+            status = primary_status
+        else:  # the backend down is "degraded" while the spool takes what comes, empty or not (docs/metrics.md)
+            status = "down" if self._refusing and primary_status == "down" else "degraded"
         return {"status": status, "primary": primary, "spool": spool}
 
     # --- delivering ---
