@@ -102,14 +102,26 @@ def _reject_constant(name: str) -> Any:
 def telemetry(payload: bytes, now_ms: int, rules: ValueRules) -> list[tuple[int, dict[str, Any]]]:
     """Telemetry payload -> ``[(ts, values), ...]`` in payload order; empty groups are dropped."""
     document = parse_json(payload)
+    groups = None
     if _speedups is not None:
         groups = _speedups.telemetry(document, now_ms, rules.type_cast, rules.max_string_length)
-        if groups is not None:
-            return groups
-    try:
-        return _telemetry(document, now_ms, rules)
-    except _NeedLiterals:
-        return _telemetry(parse_json(payload, literals=True), now_ms, rules)
+    if groups is None:
+        try:
+            groups = _telemetry(document, now_ms, rules)
+        except _NeedLiterals:
+            groups = _telemetry(parse_json(payload, literals=True), now_ms, rules)
+    return groups if len(groups) < 2 else _one_per_ts(groups)
+
+
+def _one_per_ts(groups: list[tuple[int, dict[str, Any]]]) -> list[tuple[int, dict[str, Any]]]:
+    """One group per distinct ``ts``, in order of first appearance, a later value of a key winning (ThingsBoard
+    collects a message's values per ts: one rule-engine message each, spec §1.4). An array of plain objects
+    shares the server time, so it is one group too."""
+    merged: dict[int, dict[str, Any]] = {}
+    for ts, values in groups:
+        earlier = merged.get(ts)
+        merged[ts] = values if earlier is None else {**earlier, **values}  # never changes a parsed dict in place
+    return groups if len(merged) == len(groups) else list(merged.items())
 
 
 def _telemetry(document: Any, now_ms: int, rules: ValueRules) -> list[tuple[int, dict[str, Any]]]:
