@@ -45,11 +45,25 @@ def test_tls_without_certificate_is_a_configuration_error(gateway: GatewayProces
     ]
 
 
-def test_missing_certificate_file_is_a_configuration_error(gateway: GatewayProcess, tmp_path: Path) -> None:
+def test_missing_certificate_file_is_a_configuration_error_naming_it(gateway: GatewayProcess, tmp_path: Path) -> None:
+    key = tmp_path / "present.key"
+    key.write_text("not a key")
     gateway.overrides |= {
         "MQTT_SSL_ENABLED": "true",
         "MQTT_SSL_CERT_FILE": str(tmp_path / "absent.pem"),
-        "MQTT_SSL_KEY_FILE": str(tmp_path / "absent.key"),
+        "MQTT_SSL_KEY_FILE": str(key),
+    }
+    [line] = start_up_lines(gateway, 2)
+    assert line == f"configuration error: MQTT_SSL_CERT_FILE: no such file: {tmp_path / 'absent.pem'}"
+
+
+def test_unloadable_certificate_files_are_a_configuration_error(gateway: GatewayProcess, tmp_path: Path) -> None:
+    for name in ("bad.pem", "bad.key"):
+        (tmp_path / name).write_text("not PEM")
+    gateway.overrides |= {
+        "MQTT_SSL_ENABLED": "true",
+        "MQTT_SSL_CERT_FILE": str(tmp_path / "bad.pem"),
+        "MQTT_SSL_KEY_FILE": str(tmp_path / "bad.key"),
     }
     [line] = start_up_lines(gateway, 2)
     assert line.startswith("configuration error: MQTT_SSL_CERT_FILE / MQTT_SSL_KEY_FILE: cannot load: ")

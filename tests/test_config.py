@@ -125,6 +125,20 @@ def test_float_settings_refuse_non_finite_values(monkeypatch: pytest.MonkeyPatch
     assert "finite" in problem or value == "-inf"  # -inf: "greater than 0" comes first where there is a bound
 
 
+@pytest.mark.parametrize(
+    "name", ["RPC_MAX_TIMEOUT_SECONDS", "RPC_DEFAULT_TIMEOUT_SECONDS", "HTTP_IDLE_TIMEOUT_SECONDS"]
+)
+def test_a_duration_beyond_ten_years_is_refused(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """1e306 was finite, so accepted, and an RPC's expiry in milliseconds then overflowed."""
+    monkeypatch.setenv(name, "1e306")
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    [problem] = caught.value.problems
+    assert problem.startswith(f"{name}: ") and "315360000" in problem
+    monkeypatch.setenv(name, "315360000")
+    assert getattr(load_settings(), name.lower()) == 315_360_000.0
+
+
 def test_infinite_rpc_timeout_stops_start_up_with_one_line(tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", "RPC_MAX_TIMEOUT_SECONDS": "inf", "DATA_DIR": str(tmp_path)}
     result = subprocess.run(

@@ -48,7 +48,9 @@ class Protocol(enum.StrEnum):
 Port = Annotated[int, Field(ge=0, le=65535)]
 Positive = Annotated[int, Field(gt=0)]
 # every float setting is finite: `inf` / `nan` are refused (a "no limit" is spelled 0 where there is one)
-PositiveSeconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+# and a duration is at most ten years: a longer timer is no timer, and its milliseconds overflow (RPC expiry)
+TEN_YEARS_S = 315_360_000.0
+PositiveSeconds = Annotated[float, Field(gt=0, le=TEN_YEARS_S, allow_inf_nan=False)]
 # a Kafka broker: host name or IPv4 address, or an IPv6 address in brackets, then the port
 _BROKER = re.compile(r"(?:[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\]):([0-9]{1,5})")
 

@@ -16,6 +16,7 @@ import asyncio
 import logging
 import ssl
 from collections import deque
+from pathlib import Path
 from typing import Any, cast
 
 import orjson
@@ -81,6 +82,13 @@ def ssl_context(settings: Any) -> ssl.SSLContext:
     cert, key = settings.mqtt_ssl_cert_file, settings.mqtt_ssl_key_file
     if cert is None or key is None:
         raise ConfigError(["MQTT_SSL_ENABLED: needs MQTT_SSL_CERT_FILE and MQTT_SSL_KEY_FILE"])
+    missing = [
+        f"{name}: no such file: {path}"
+        for name, path in (("MQTT_SSL_CERT_FILE", cert), ("MQTT_SSL_KEY_FILE", key))
+        if not Path(path).is_file()
+    ]
+    if missing:  # which one: load_cert_chain's ENOENT does not say
+        raise ConfigError(missing)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
