@@ -102,13 +102,19 @@ class StoreSink:
 
     def deliver_then(self, batch: Sequence[Record], done: Callable[[Any], None]) -> None:
         """Write ``batch`` on the writer thread; ``done`` gets the outcomes on the loop (CallbackSink)."""
+        # all of them, unless one could not be encoded or is oversized (never, with MAX_PAYLOAD_SIZE in force
+        # and normalize.py refusing what JSON cannot hold); checked in C (map, max) on the common path
+        payloads: Sequence[bytes | None]
         try:
-            payloads: Sequence[bytes | None] = self.encode(batch)
+            payloads = encoded = self.encode(batch)
+            kept = (
+                encoded
+                if max(map(len, encoded), default=0) <= MAX_PAYLOAD
+                else [p for p in encoded if len(p) <= MAX_PAYLOAD]
+            )
         except TypeError:  # orjson's JSONEncodeError: a record JSON cannot hold fails alone, not its batch
             payloads = [self._encode_alone(record) for record in batch]
-        # all of them, unless one could not be encoded or is oversized (never, with MAX_PAYLOAD_SIZE in force
-        # and normalize.py refusing what JSON cannot hold)
-        kept = [p for p in payloads if p is not None and len(p) <= MAX_PAYLOAD]
+            kept = [p for p in payloads if p is not None and len(p) <= MAX_PAYLOAD]
 
         def written(_: Any, exc: BaseException | None) -> None:
             if isinstance(exc, OSError):  # disk full, I/O error: not acknowledged
