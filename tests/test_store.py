@@ -185,6 +185,23 @@ def test_the_c_durable_append_steps_aside_when_another_writer_moved_the_tail(tmp
     assert [p for _, p in segments.read_log(tmp_path)] == [b'{"n":1}', b'{"n":2}', b'{"n":3}']
 
 
+def test_attribute_store_memory_is_bounded_and_answers_stay_right(tmp_path: Path) -> None:
+    """Every device read was cached for good (~450 bytes each, attribute-less devices too): a fleet's worth.
+    Now the oldest scopes go, and SQLite, written through, answers them again."""
+    store = AttributeStore(tmp_path / "a.db", cache_max_scopes=4)
+    for n in range(10):
+        store.update(f"d{n}", CLIENT, {"n": n})
+        assert store.request(f"nobody{n}", None, None) == {}  # two scopes of a device with no attributes
+        assert len(store._cache) <= 4
+    for n in range(10):  # evicted long ago: read back from SQLite
+        assert store.request(f"d{n}", ["n"], None) == {"client": {"n": n}}
+        store.update(f"d{n}", SHARED, {"s": n})
+        store.delete(f"d{n}", CLIENT, ["n"])
+        assert len(store._cache) <= 4
+    assert [store.request(f"d{n}", None, None) for n in range(10)] == [{"shared": {"s": n}} for n in range(10)]
+    store.close()
+
+
 def test_attribute_store_answers_like_thingsboard_and_persists(tmp_path: Path) -> None:
     store = AttributeStore(tmp_path / "a.db")
     assert store.request("d", None, None) == {}

@@ -32,11 +32,17 @@ CREATE TABLE IF NOT EXISTS attributes (
 """
 
 
+# Scopes (device x client/shared) kept in memory: a fleet's worth would grow without end (~450 bytes each,
+# a device with no attributes at all included); the oldest read goes first, and SQLite answers it again.
+CACHE_MAX_SCOPES = 100_000
+
+
 class AttributeStore:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, cache_max_scopes: int = CACHE_MAX_SCOPES) -> None:
         self._db = open_wal(path, synchronous="NORMAL")
         self._db.executescript(_SCHEMA)
         self._cache: dict[tuple[str, str], dict[str, Any]] = {}
+        self._cache_max = cache_max_scopes
 
     def _scope(self, device_id: str, scope: str) -> dict[str, Any]:
         cached = self._cache.get((device_id, scope))
@@ -45,6 +51,8 @@ class AttributeStore:
                 "SELECT key, value FROM attributes WHERE device_id = ? AND scope = ?", (device_id, scope)
             )
             cached = {key: orjson.loads(value) for key, value in rows}
+            if len(self._cache) >= self._cache_max:  # written through to SQLite: dropping loses nothing
+                del self._cache[next(iter(self._cache))]
             self._cache[(device_id, scope)] = cached
         return cached
 
