@@ -9,7 +9,7 @@ import pytest
 
 from tb_gateway.downlink.rpc import MAX_ID, RpcManager, RpcOutcome, RpcStatus
 from tb_gateway.downlink.sessions import Delivery, Feature, RpcCall, SessionRegistry
-from tb_gateway.records import RecordKind, Transport
+from tb_gateway.records import DeviceIdentity, RecordKind, Transport
 from tests.downlink_support import DEVICE, OTHER, T0, Clock, FakePipeline, FakeSession, make_hub
 
 
@@ -274,5 +274,98 @@ def test_hub_reply_payload_forms(tmp_path: Path, payload: bytes) -> None:
         assert hub.rpc_replied(DEVICE.id, 1, payload)
         expected = {b"": "", b"null": None, b"[1,2]": [1, 2], b'"text"': "text"}[payload]
         assert outcome.result().response == expected
+
+    asyncio.run(scenario())
+
+
+# --------------------------------------------------------------------------- nothing kept once nothing is pending
+
+
+def test_a_stale_expiry_of_a_forgotten_device_does_not_end_its_later_request_of_the_same_id() -> None:
+    """A replied request's heap entry stays until its expiry; once the device is forgotten its ids restart,
+    so that entry names a later request with the same id, which must not expire early (nor raise)."""
+    rpc, sessions = manager()
+    subscribed(sessions, FakeSession(answer=Delivery.DELIVERED))
+    first, _ = rpc.submit(DEVICE.id, "m", None, oneway=False, expires_at=T0 + 1000, now=T0)
+    assert statuses(rpc.replied(DEVICE.id, first.id, "ok", T0 + 10)) == [(1, "replied")]
+    assert rpc.forget(DEVICE.id)
+    assert rpc.expire(T0 + 20) == []  # the ended one's entry stays in the heap until T0 + 1000
+    later, _ = rpc.submit(DEVICE.id, "m", None, oneway=False, expires_at=T0 + 5000, now=T0 + 30)
+    assert later.id == first.id == 1
+    gone, _ = rpc.submit(OTHER.id, "m", None, oneway=True, expires_at=T0 + 1000, now=T0)  # no session: waits
+    assert [r.id for r in rpc.take_waiting(OTHER.id)] == [gone.id] and rpc.forget(OTHER.id)
+    assert rpc.next_deadline() == T0 + 5000
+    assert rpc.expire(T0 + 1000) == [] and rpc.pending == 1
+    assert OTHER.id not in rpc._devices  # its stale entry skipped, nothing recreated
+    assert statuses(rpc.expire(T0 + 5000)) == [(1, "timeout")]
+
+
+def test_hub_keeps_nothing_for_devices_whose_rpcs_all_ended(tmp_path: Path) -> None:
+    """Every way an RPC ends (expired, timeout, replied, one-way delivered, rejected) leaves nothing kept for
+    a device that no session holds and the state tracker does not track (e.g. one that never connected)."""
+
+    async def scenario() -> None:
+        clock, pipeline = Clock(), FakePipeline()
+        hub, _ = make_hub(tmp_path, clock, pipeline)
+        ghosts = [DeviceIdentity(f"ghost-{i}", f"ghost {i}") for i in range(3)]
+        futures = [hub.send_rpc(d.id, "m", None, timeout_ms=50, device=d)[1] for d in ghosts]
+        _, rejected = hub.send_rpc("late", "m", None, expires_at=T0 - 1, device=DeviceIdentity("late", "late"))
+        # a device polled once (a session that is no connection): sent, replied, one-way, and one timing out
+        poll = FakeSession(OTHER, Transport.HTTP, connection=False, answer=Delivery.DELIVERED)
+        hub.attach(poll)
+        hub.subscribe(poll, Feature.RPC)
+        _, replied = hub.send_rpc(OTHER.id, "m", None, timeout_ms=50)
+        _, oneway = hub.send_rpc(OTHER.id, "m", None, oneway=True)
+        _, timed_out = hub.send_rpc(OTHER.id, "m", None, timeout_ms=50)
+        assert hub.rpc_replied(OTHER.id, 1, b"ok")
+        hub.detach(poll)
+        clock.advance(50)
+        hub.tick()
+        statuses_ = [f.result().status for f in (*futures, rejected, replied, oneway, timed_out)]
+        assert statuses_ == [RpcStatus.EXPIRED] * 3 + [
+            RpcStatus.REJECTED,
+            RpcStatus.REPLIED,
+            RpcStatus.DELIVERED,
+            RpcStatus.TIMEOUT,
+        ]
+        expired = [r for r in pipeline.records if r.kind is RecordKind.RPC_RESPONSE and r.device in ghosts]
+        assert [r.device.name for r in expired] == ["ghost 0", "ghost 1", "ghost 2"]  # named when reported
+        await asyncio.sleep(0)
+        assert hub.rpc._devices == {} and hub._identities == {} and hub.rpc.pending == 0
+        assert hub.next_deadline() is None
+        # ids restart once nothing is pending (docs/downlink.md)
+        request, _ = hub.send_rpc(OTHER.id, "m", None)
+        assert request.id == 1
+
+    asyncio.run(scenario())
+
+
+def test_hub_ids_never_restart_while_an_rpc_of_the_device_can_still_be_replied_to(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        clock, pipeline = Clock(), FakePipeline()
+        hub, _ = make_hub(tmp_path, clock, pipeline)
+        session = FakeSession(answer=Delivery.DELIVERED)
+        hub.attach(session)
+        hub.subscribe(session, Feature.RPC)
+        first, _ = hub.send_rpc(DEVICE.id, "m", None)
+        second, _ = hub.send_rpc(DEVICE.id, "m", None)
+        assert hub.rpc_replied(DEVICE.id, first.id, b"1")
+        await asyncio.sleep(0)
+        third, _ = hub.send_rpc(DEVICE.id, "m", None)  # the second is still delivered, unreplied
+        assert (first.id, second.id, third.id) == (1, 2, 3)
+        assert hub.rpc_replied(DEVICE.id, second.id, b"2") and hub.rpc_replied(DEVICE.id, third.id, b"3")
+        fourth, _ = hub.send_rpc(DEVICE.id, "m", None)  # in the same turn as the last reply: not yet released
+        assert fourth.id == 4
+        assert hub.rpc_replied(DEVICE.id, fourth.id, b"4")
+        await asyncio.sleep(0)
+        # nothing pending, but a session holds the device: its ids go on counting
+        fifth, _ = hub.send_rpc(DEVICE.id, "m", None)
+        assert fifth.id == 5 and hub.rpc_replied(DEVICE.id, fifth.id, b"5")
+        hub.detach(session)
+        await asyncio.sleep(0)
+        # gone, nothing pending: the RPC entry goes; the identity stays while the state tracker tracks it
+        assert DEVICE.id not in hub.rpc._devices and hub.identity(DEVICE.id) == DEVICE
+        assert hub.send_rpc(DEVICE.id, "m", None)[0].id == 1
+        assert not hub.rpc_replied(DEVICE.id, 5, b"late")  # an ended request's late reply still matches nothing
 
     asyncio.run(scenario())

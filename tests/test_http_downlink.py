@@ -9,6 +9,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from tb_gateway.records import RecordKind
 from tests.http_support import Raw, request, run, serving
 
 pytestmark = pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
@@ -119,5 +120,46 @@ def test_a_poll_of_a_removed_device_is_answered_401(loop: str, tmp_path: Path) -
                 session.close("revoked")
             assert (await raw.response())[0] == 401
             await raw.close()
+
+    run(loop, main())
+
+
+def test_a_client_rpc_whose_client_sent_eof_is_withdrawn_and_the_connection_closes(loop: str, tmp_path: Path) -> None:
+    """A client-side RPC waits for the backend up to CLIENT_SIDE_RPC_TIMEOUT_SECONDS; a client that sends EOF
+    meanwhile is no longer waited for: the connection answers 400 and closes at once (no fd or connection slot
+    held for a minute), the backend's late reply is dropped, and nothing counts as a refusal."""
+
+    async def main() -> None:
+        async with serving(tmp_path, downlink=True) as gw:
+            hub = gw.api.downlink
+            assert hub is not None
+            body = b'{"method":"getTime","params":{}}'
+            # answered on a keep-alive connection: the reply still comes back
+            raw = await Raw.connect(gw.port)
+            await raw.send(request("POST", "/api/v1/T1/rpc", body))
+            await asyncio.sleep(0.1)
+            (request_id,) = hub.client_rpc_table._pending
+            assert hub.client_rpc_reply(request_id, {"time": 1})
+            status, _, answer = await raw.response()
+            assert (status, orjson.loads(answer)) == (200, {"time": 1})
+            # then one the client leaves (EOF) while it waits
+            await raw.send(request("POST", "/api/v1/T1/rpc", body))
+            await asyncio.sleep(0.1)
+            (request_id,) = hub.client_rpc_table._pending
+            raw.writer.write_eof()
+            status, headers, answer = await raw.response(within_s=1.0)
+            assert (status, headers.get("connection")) == (400, "close")
+            assert b"closed its side of the connection" in answer
+            assert await raw.until_closed(within_s=1.0) == b""
+            await raw.close()
+            await asyncio.sleep(0.05)
+            assert len(hub.client_rpc_table) == 0 and hub._client_waiters == {}
+            assert not hub.client_rpc_reply(request_id, {"time": 2})  # late: dropped
+            assert not gw.server.connections
+            refusals = "tb_gateway_refusals_total"
+            for reason in ("bad_request", "bad_payload", "shutting_down"):
+                assert gw.metric(refusals, transport="http", reason=reason) == 0
+            requests = [r for r in gw.sink.records if r.kind is RecordKind.RPC_REQUEST]
+            assert len(requests) == 2  # the withdrawn one had reached the pipeline already
 
     run(loop, main())

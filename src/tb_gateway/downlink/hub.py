@@ -91,7 +91,8 @@ class Downlink:
         self._clock_ms = clock_ms
         self._rpc_waiters: dict[tuple[str, int], asyncio.Future[RpcOutcome]] = {}
         self._client_waiters: dict[str, asyncio.Future[Any]] = {}
-        self._identities: dict[str, DeviceIdentity] = {}
+        self._identities: dict[str, DeviceIdentity] = {}  # for RPC records and hand-overs (``_release``)
+        self._idle: set[str] = set()  # devices whose last RPC ended or last session went: ``_release`` soon
         self._wake = asyncio.Event()
         self._closed = False
         self._rpc_status = {s: metrics.rpc_outcomes.labels(status=s.value) for s in RpcStatus}
@@ -154,6 +155,7 @@ class Downlink:
         if not self.sessions.holds(session.device.id):
             for hold in self.hold_listeners:
                 hold(session.device, False)
+            self._release_later(session.device.id)
 
     def subscribe(self, session: DownlinkSession, feature: Feature) -> None:
         """The session wants ``feature``; subscribing to RPC delivers what is pending."""
@@ -220,7 +222,7 @@ class Downlink:
             self._client_refused(request.id, admitted)
         else:
             admitted.add_done_callback(lambda done: self._client_refused(request.id, _result(done)))
-        future.add_done_callback(lambda _: self._client_waiters.pop(request.id, None))
+        future.add_done_callback(lambda done: self._client_done(request.id, done))
         self._wake.set()
         return future
 
@@ -364,6 +366,28 @@ class Downlink:
             if not self.sessions.holds(device_id) and self.rpc.forget(device_id):
                 self._identities.pop(device_id, None)
 
+    def _release_later(self, device_id: str) -> None:
+        """``_release`` the device once the callbacks of what just ended have run (they may still read its
+        identity, or key on its RPC id: the router's), unless something new is pending for it by then."""
+        if not self._idle:
+            try:
+                asyncio.get_running_loop().call_soon(self._release)
+            except RuntimeError:  # no loop (a sans-IO caller): nothing waits on callbacks
+                self._idle.add(device_id)
+                self._release()
+                return
+        self._idle.add(device_id)
+
+    def _release(self) -> None:
+        """Drop what is kept for devices no session holds and with no RPC pending (their next RPC is id 1
+        again: nothing of theirs can be replied to any more; a held device's ids go on counting), and their
+        identity unless the state tracker tracks them (``_forget`` drops it then). A device sent RPCs but
+        never connected keeps nothing once they ended; a connected one, nothing once it is gone too."""
+        idle, self._idle = self._idle, set()
+        for device_id in idle:
+            if not self.sessions.holds(device_id) and self.rpc.forget(device_id) and device_id not in self._states:
+                self._identities.pop(device_id, None)
+
     def _report(self, outcomes: Sequence[RpcOutcome]) -> None:
         for outcome in outcomes:
             request = outcome.request
@@ -375,6 +399,7 @@ class Downlink:
                 future = self._rpc_waiters.pop((request.device_id, request.id), None)
                 if future is not None and not future.done():
                     future.set_result(outcome)
+                self._release_later(request.device_id)
 
     def _state(self, events: Sequence[StateChanged]) -> None:
         for event in events:
@@ -404,6 +429,13 @@ class Downlink:
         if not outcome.delivered:
             self._metrics.downlink_records_failed.labels(kind=kind.value, outcome=outcome.value).inc()
             log.warning("a %s record was not stored: %s", kind.value, outcome.value)
+
+    def _client_done(self, request_id: str, future: asyncio.Future[Any]) -> None:
+        """A waiter cancelled by its transport (the HTTP client left) withdraws its request: the backend's
+        late reply is dropped (``unmatched``), and nothing times out later."""
+        self._client_waiters.pop(request_id, None)
+        if future.cancelled():
+            self.client_rpc_table.cancel(request_id)
 
     def _client_refused(self, request_id: str, outcome: Outcome) -> None:
         """The request record could not be made durable: the device hears it now, not after the timeout."""

@@ -194,7 +194,10 @@ class RpcManager:
 
     def forget(self, device_id: str) -> bool:
         """Drop what is kept for a device with nothing pending (its next request is id 1 again); False when
-        something is pending: then nothing is dropped."""
+        something is pending: then nothing is dropped. The hub calls it once a device's last request ended
+        (no request of it can be replied to any more, so no id can be answered twice), so a device is kept
+        only while it has requests pending. Heap entries of its ended requests stay until their expiry and
+        are skipped (``_expiring``)."""
         device = self._devices.get(device_id)
         if device is not None and device.pending:
             return False
@@ -221,7 +224,7 @@ class RpcManager:
     def next_deadline(self) -> int | None:
         while self._expiries:
             expires_at, device_id, rpc_id = self._expiries[0]
-            if self._find(device_id, rpc_id) is not None:
+            if self._expiring(expires_at, device_id, rpc_id) is not None:
                 return expires_at
             heapq.heappop(self._expiries)
         return None
@@ -229,8 +232,8 @@ class RpcManager:
     def expire(self, now: int) -> list[RpcOutcome]:
         outcomes: list[RpcOutcome] = []
         while self._expiries and self._expiries[0][0] <= now:
-            _, device_id, rpc_id = heapq.heappop(self._expiries)
-            pending = self._find(device_id, rpc_id)
+            expires_at, device_id, rpc_id = heapq.heappop(self._expiries)
+            pending = self._expiring(expires_at, device_id, rpc_id)
             if pending is None:
                 continue
             self._finish(pending)
@@ -255,6 +258,12 @@ class RpcManager:
     def _find(self, device_id: str, rpc_id: int) -> _Pending | None:
         device = self._devices.get(device_id)
         return device.pending.get(rpc_id) if device is not None else None
+
+    def _expiring(self, expires_at: int, device_id: str, rpc_id: int) -> _Pending | None:
+        """The request a heap entry stands for; ``None`` for a stale entry: its request ended, or the device
+        was forgotten and its ids restarted, so the same id now names a later request with its own entry."""
+        pending = self._find(device_id, rpc_id)
+        return pending if pending is not None and pending.request.expires_at == expires_at else None
 
     def _offer(self, pending: _Pending, now: int) -> list[RpcOutcome]:
         call = pending.request.call

@@ -8,7 +8,9 @@
 - ``POST .../rpc/{id}``: the device's reply to RPC ``id`` -> 200 (404 when no RPC with that id is pending,
   400 when the id is not an integer).
 - ``POST .../rpc`` ``{"method","params"}``: client-side RPC -> 200 with the backend's reply, or
-  ``{"error":"timeout"}``.
+  ``{"error":"timeout"}``. A client that sends EOF while it waits is no longer waited for: the request
+  (already recorded for the backend) is withdrawn, the backend's late reply dropped, and the connection
+  answers 400 as a withdrawn poll does and closes, instead of holding its slot until the timeout.
 
 ``timeout`` is milliseconds; 0 or absent means ThingsBoard's HTTP_REQUEST_TIMEOUT (60 s), and it is capped at
 its HTTP_MAX_REQUEST_TIMEOUT (300 s). A poll whose client goes away is withdrawn at once, so an RPC is never
@@ -118,6 +120,40 @@ def _reply_json(request: Request, reply: Any) -> Reply:
     return json_answer(200, reply)
 
 
+def _client_rpc_answer(request: Request, result: Any) -> Reply:
+    if result is _CLIENT_GONE:
+        return error(CLIENT_LEFT, "the client closed its side of the connection: a client-side RPC needs it open")
+    return json_answer(200, result)
+
+
+_CLIENT_GONE = object()
+
+
+def _until_client_left(reply: asyncio.Future[Any], closed: asyncio.Future[None]) -> asyncio.Future[Any]:
+    """The reply, unless the client sends EOF first: then the RPC is withdrawn (``reply`` cancelled, so the
+    hub drops the backend's late answer) and the connection answers and closes at once, not after
+    CLIENT_SIDE_RPC_TIMEOUT_SECONDS (module docstring)."""
+    answer: asyncio.Future[Any] = reply.get_loop().create_future()
+
+    def replied(done: asyncio.Future[Any]) -> None:
+        closed.remove_done_callback(left)  # a keep-alive connection asks many times: drop our callback
+        if answer.done():
+            return
+        if done.cancelled():
+            answer.cancel()
+        else:
+            answer.set_result(done.result())
+
+    def left(_closed: object) -> None:
+        if not answer.done():
+            answer.set_result(_CLIENT_GONE)
+        reply.cancel()
+
+    reply.add_done_callback(replied)
+    closed.add_done_callback(left)
+    return answer
+
+
 class HttpDownlink:
     def __init__(self, hub: Downlink, refused: Refused) -> None:
         self.hub = hub
@@ -168,7 +204,11 @@ class HttpDownlink:
             method, params = parse_request(parse_json(body))
         except PayloadError as exc:
             return self._bad(device, "bad_payload", str(exc))
-        return self.hub.client_rpc(device, HTTP, method, params), _reply_json
+        reply = self.hub.client_rpc(device, HTTP, method, params)
+        closed = request.closed
+        if reply.done() or closed is None:
+            return reply, _reply_json
+        return _until_client_left(reply, closed), _client_rpc_answer
 
     def _bad(self, device: DeviceIdentity, reason: str, message: str) -> Reply:
         """400, counted in tb_gateway_refusals_total under ``reason``."""
