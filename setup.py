@@ -1,4 +1,4 @@
-"""The optional C fast path for payload normalization (src/tb_gateway/_speedups.c).
+"""The optional C fast paths (src/tb_gateway/_speedups.c and _lanes.c, one extension module).
 
 ``optional=True``: where no C compiler is available the build goes on without it and normalize.py runs the
 same rules in Python (slower, identical results). Everything else about the package is in pyproject.toml.
@@ -6,4 +6,13 @@ same rules in Python (slower, identical results). Everything else about the pack
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("tb_gateway._speedups", ["src/tb_gateway/_speedups.c"], optional=True)])
+setup(
+    ext_modules=[
+        Extension(
+            "tb_gateway._speedups",
+            ["src/tb_gateway/_speedups.c", "src/tb_gateway/_lanes.c"],
+            depends=["src/tb_gateway/_speedups.h"],
+            optional=True,
+        )
+    ]
+)

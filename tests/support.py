@@ -9,6 +9,7 @@ from typing import Any
 
 from tb_gateway.attributes import AttributeStore
 from tb_gateway.auth import AccessToken, AuthService, Credentials
+from tb_gateway.clock import now_ms
 from tb_gateway.config import Settings
 from tb_gateway.device_api import DeviceApi
 from tb_gateway.errors import RetriableSinkError
@@ -128,6 +129,7 @@ def make_api(
     tmp_path: Path,
     sink: MemorySink | None = None,
     tokens: dict[str, str] | None = None,
+    clock_ms: Callable[[], int] = now_ms,
     **settings: Any,
 ) -> DeviceApi:
     """A DeviceApi over a MemorySink; call inside a running loop and run ``api.pipeline.run()`` beside it."""
@@ -146,7 +148,7 @@ def make_api(
         ttl_s=config.auth_cache_ttl_seconds,
         negative_ttl_s=config.auth_negative_cache_ttl_seconds,
     )
-    return DeviceApi(config, auth, pipeline, AttributeStore(tmp_path / "attributes.db"), metrics)
+    return DeviceApi(config, auth, pipeline, AttributeStore(tmp_path / "attributes.db"), metrics, clock_ms=clock_ms)
 
 
 __all__ = ["MemorySink", "RetriableSinkError", "TokenSource", "make_api"]

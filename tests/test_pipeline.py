@@ -445,7 +445,7 @@ def test_settling_a_delivered_batch_in_c_is_the_python_loop(
 ) -> None:
     """Messages of 1-3 records, 0-2 waiters each, some cancelled by their transport; their records in a
     shuffled batch: the C settle and the Python loop resolve the same tickets and call the same waiters in
-    the same order."""
+    the same order (settle_delivered and run_settled)."""
     assert pipeline_module._settle_delivered is not None, "the C extension is built in this environment"
 
     seed = shuffle.random()
@@ -466,12 +466,13 @@ def test_settling_a_delivered_batch_in_c_is_the_python_loop(
             records, owners = pipeline._take()
             batch = list(zip(records, owners, strict=True))
             random.Random(seed).shuffle(batch)  # the same order both ways
-            saved = pipeline_module._settle_delivered
+            saved, saved_run = pipeline_module._settle_delivered, pipeline_module._run_settled
             pipeline_module._settle_delivered = saved if in_c else None
+            pipeline_module._run_settled = saved_run if in_c else None
             try:
                 pipeline._settle_batch([r for r, _ in batch], [t for _, t in batch], [Outcome.DELIVERED] * len(batch))
             finally:
-                pipeline_module._settle_delivered = saved
+                pipeline_module._settle_delivered, pipeline_module._run_settled = saved, saved_run
             calls_now = list(calls)
             await asyncio.sleep(0)  # the cancelled ones' waiters were scheduled: let them run too
             return [(t.pending, t.done(), t.cancelled(), None if t.cancelled() else t.result()) for t in tickets] + [

@@ -3,15 +3,14 @@
  * sinks/store.py (a batch's JSON lines), construct.py (building a slots dataclass), mqtt/codec.py (a run of the common PUBLISH), coap/codec.py
  * (parsing a datagram), coap/server.py (a batch of datagrams per system call) and http/connection.py
  * (reading one whole simple POST without httptools' callbacks); mqtt/session.py (the PUBACKs due), metrics.py
- * and pipeline.py (tallying and settling a delivered batch).
+ * and pipeline.py (tallying and settling a delivered batch). Whole per-message paths are in _lanes.c.
  *
  * The Python code (or httptools) stays the reference. The fast paths handle only what is unambiguous and
  * answer None, or stop, for anything else, so the Python code runs and produces every error message;
  * framing is byte for byte what segments.frame() writes. tests/test_normalize.py, test_segments.py,
  * test_store.py, test_mqtt_codec.py, test_construct.py and test_http_fast.py compare both on generated input. Built by setup.py when a C compiler is present; without one, Python runs alone.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "_speedups.h"
 #include <structmember.h> /* T_OBJECT_EX, READONLY: maker() checks the slots it fills */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -264,17 +263,11 @@ add_item(PyObject *groups, PyObject *item, PyObject *now, int type_cast, Py_ssiz
 static PyObject *ts_name, *values_name, *device_name, *kind_name, *transport_name, *received_at_name;
 static PyObject *popleft_name, *done_name, *result_name, *pending_name, *outcome_name, *then_name, *set_result_name;
 
-/* telemetry(document, now_ms: int, type_cast: bool, max_string_length: int) -> [(ts, values)] | None */
-static PyObject *
-speedups_telemetry(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+/* The telemetry groups of a parsed document: a new list, NULL without an error to fall back to
+ * normalize.py, NULL with one on failure. Shared with _lanes.c. */
+PyObject *
+telemetry_groups(PyObject *document, PyObject *now, int type_cast, Py_ssize_t max_string)
 {
-    (void)module;
-    int type_cast;
-    Py_ssize_t max_string;
-    if (parse_rules(args, nargs, 2, &type_cast, &max_string) < 0) {
-        return NULL;
-    }
-    PyObject *document = args[0], *now = args[1];
     PyObject *groups = PyList_New(0);
     if (groups == NULL) {
         return NULL;
@@ -294,9 +287,23 @@ speedups_telemetry(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     if (rc != 0) {
         Py_DECREF(groups);
-        if (rc < 0) {
-            return NULL;
-        }
+        return NULL;
+    }
+    return groups;
+}
+
+/* telemetry(document, now_ms: int, type_cast: bool, max_string_length: int) -> [(ts, values)] | None */
+static PyObject *
+speedups_telemetry(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    int type_cast;
+    Py_ssize_t max_string;
+    if (parse_rules(args, nargs, 2, &type_cast, &max_string) < 0) {
+        return NULL;
+    }
+    PyObject *groups = telemetry_groups(args[0], args[1], type_cast, max_string);
+    if (groups == NULL && !PyErr_Occurred()) {
         Py_RETURN_NONE;
     }
     return groups;
@@ -1204,15 +1211,9 @@ speedups_settle_delivered(PyObject *self, PyObject *const *args, Py_ssize_t narg
 
 /* long_fraction(payload: bytes) -> bool: a '.' followed by more than 16 digits somewhere (normalize.py's
  * _LONG_FRACTION, a regular expression search that costs 7x this on a 60-byte payload). */
-static PyObject *
-speedups_long_fraction(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+int
+has_long_fraction(const char *data, Py_ssize_t size)
 {
-    if (nargs != 1 || !PyBytes_Check(args[0])) {
-        PyErr_SetString(PyExc_TypeError, "long_fraction(payload: bytes)");
-        return NULL;
-    }
-    const char *data = PyBytes_AS_STRING(args[0]);
-    Py_ssize_t size = PyBytes_GET_SIZE(args[0]);
     const char *dot = data, *end = data + size;
     while ((dot = memchr(dot, '.', (size_t)(end - dot))) != NULL) {
         const char *digit = ++dot;
@@ -1220,10 +1221,20 @@ speedups_long_fraction(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             digit++;
         }
         if (digit - dot == 17) {
-            Py_RETURN_TRUE;
+            return 1;
         }
     }
-    Py_RETURN_FALSE;
+    return 0;
+}
+
+static PyObject *
+speedups_long_fraction(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 1 || !PyBytes_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "long_fraction(payload: bytes)");
+        return NULL;
+    }
+    return PyBool_FromLong(has_long_fraction(PyBytes_AS_STRING(args[0]), PyBytes_GET_SIZE(args[0])));
 }
 
 /* http_post(data, max_head) -> (target, body) | None: the HTTP fast lane of http/connection.py.
@@ -1269,40 +1280,32 @@ name_is(const char *name, Py_ssize_t length, const char *lower)
     return 1;
 }
 
-static PyObject *
-speedups_http_post(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+/* 1 when data[:size] is one whole simple POST (above): its target is data[5:*target], its body
+ * data[*body:size]; 0 otherwise. Shared with _lanes.c. */
+int
+http_post_parse(const char *data, Py_ssize_t size, Py_ssize_t max_head, Py_ssize_t *target, Py_ssize_t *body)
 {
-    if (nargs != 2 || !PyBytes_Check(args[0])) {
-        PyErr_SetString(PyExc_TypeError, "http_post(data: bytes, max_head: int)");
-        return NULL;
-    }
-    Py_ssize_t max_head = PyLong_AsSsize_t(args[1]);
-    if (max_head == -1 && PyErr_Occurred()) {
-        return NULL;
-    }
-    const char *data = PyBytes_AS_STRING(args[0]);
-    Py_ssize_t size = PyBytes_GET_SIZE(args[0]);
     Py_ssize_t end = size < max_head ? size : max_head; /* the head must end within this */
     if (end < 6 || memcmp(data, "POST /", 6) != 0) {
-        Py_RETURN_NONE;
+        return 0;
     }
-    Py_ssize_t at = 5, target_start = 5;
+    Py_ssize_t at = 5;
     while (at < end && target_chars[(unsigned char)data[at]]) {
         at++;
     }
     Py_ssize_t target_end = at;
     if (end - at < 11 || memcmp(data + at, " HTTP/1.1\r\n", 11) != 0) {
-        Py_RETURN_NONE;
+        return 0;
     }
     at += 11;
     long long length = -1;
     for (;;) {
         if (end - at < 2) {
-            Py_RETURN_NONE;
+            return 0;
         }
         if (data[at] == '\r') {
             if (data[at + 1] != '\n') {
-                Py_RETURN_NONE;
+                return 0;
             }
             at += 2;
             break; /* the empty line: end of the head */
@@ -1313,7 +1316,7 @@ speedups_http_post(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         }
         Py_ssize_t name_length = at - name;
         if (name_length == 0 || at >= end || data[at] != ':') {
-            Py_RETURN_NONE; /* no name, a space before the colon, obs-fold, a bare LF, ... */
+            return 0; /* no name, a space before the colon, obs-fold, a bare LF, ... */
         }
         at++;
         while (at < end && (data[at] == ' ' || data[at] == '\t')) {
@@ -1327,17 +1330,17 @@ speedups_http_post(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             at++;
         }
         if (end - at < 2 || data[at] != '\r' || data[at + 1] != '\n') {
-            Py_RETURN_NONE; /* a control character or obs-text in the value, or the head is cut */
+            return 0; /* a control character or obs-text in the value, or the head is cut */
         }
         at += 2;
         if (name_is(data + name, name_length, "content-length")) {
             if (length >= 0 || value_end == value || value_end - value > 9) {
-                Py_RETURN_NONE; /* twice, empty, or longer than any payload limit */
+                return 0; /* twice, empty, or longer than any payload limit */
             }
             length = 0;
             for (Py_ssize_t i = value; i < value_end; i++) {
                 if (data[i] < '0' || data[i] > '9') {
-                    Py_RETURN_NONE;
+                    return 0;
                 }
                 length = length * 10 + (data[i] - '0');
             }
@@ -1345,14 +1348,36 @@ speedups_http_post(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         }
         for (size_t i = 0; i < sizeof slow_headers / sizeof *slow_headers; i++) {
             if (name_is(data + name, name_length, slow_headers[i])) {
-                Py_RETURN_NONE;
+                return 0;
             }
         }
     }
     if (length < 0 || size - at != length) {
+        return 0;
+    }
+    *target = target_end;
+    *body = at;
+    return 1;
+}
+
+
+static PyObject *
+speedups_http_post(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyBytes_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "http_post(data: bytes, max_head: int)");
+        return NULL;
+    }
+    Py_ssize_t max_head = PyLong_AsSsize_t(args[1]);
+    if (max_head == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    const char *data = PyBytes_AS_STRING(args[0]);
+    Py_ssize_t size = PyBytes_GET_SIZE(args[0]), target, body;
+    if (!http_post_parse(data, size, max_head, &target, &body)) {
         Py_RETURN_NONE;
     }
-    return Py_BuildValue("(y#y#)", data + target_start, target_end - target_start, data + at, size - at);
+    return Py_BuildValue("(y#y#)", data + 5, target - 5, data + body, size - body);
 }
 
 /* maker(cls, fields, defaults) -> a callable that builds a ``cls`` from positional arguments by filling its
@@ -1556,5 +1581,9 @@ PyInit__speedups(void)
         pending_name == NULL || outcome_name == NULL || then_name == NULL || set_result_name == NULL || tuple_by_raw == NULL || raw_by_tuple == NULL) {
         return NULL;
     }
-    return PyModule_Create(&module_def);
+    PyObject *module = PyModule_Create(&module_def);
+    if (module != NULL && lanes_init(module) < 0) {
+        Py_CLEAR(module);
+    }
+    return module;
 }

@@ -24,4 +24,76 @@ def maker(cls: type[Any], fields: tuple[str, ...], defaults: tuple[Any, ...]) ->
 def sent_by_transport(records: list[Any], skip_kind: Any) -> dict[Any, int]: ...
 def acks_delivered(acks: Any, delivered: Any) -> tuple[list[int], float]: ...
 def settle_delivered(tickets: list[Any]) -> list[Any]: ...
+def run_settled(waiting: list[Any], report: Any) -> None: ...
 def now_ms() -> int: ...
+
+class Ingest:
+    """DeviceApi.post for the common telemetry message (_lanes.c); the rest goes to ``fallback``."""
+
+    def __init__(
+        self,
+        api: Any,
+        fallback: Any,
+        admit: Any,
+        received: dict[Any, Any],
+        clock: Any,
+        make_record: Any,
+        telemetry: Any,
+        loads: Any,
+        ticket_type: type[Any],
+        delivered: Any,
+        type_cast: bool,
+        max_string_length: int,
+        /,
+    ) -> None: ...
+    def __call__(
+        self,
+        device: Any,
+        kind: Any,
+        payload: bytes,
+        transport: Any,
+        now_ms: int | None = None,
+        *,
+        activity_seen: bool = False,
+    ) -> Any: ...
+
+class HttpLane:
+    """What the HTTP fast lane shares across a server's connections (_lanes.c, http/server.py)."""
+
+    taken: int  # requests the fast lane took
+    def __init__(
+        self,
+        server: Any,
+        api: Any,
+        http: Any,
+        keep: Any,
+        outcome_type: type[Any],
+        delivered: Any,
+        ticket_type: type[Any],
+        when_settled: Any,
+        responses: Any,
+        ack_latency: Any,
+        max_head: int,
+        max_routes: int,
+        /,
+    ) -> None: ...
+
+class FastConnection:
+    """The C base of HttpConnection: the fast lane and the state it reads (_lanes.c)."""
+
+    lane: Any
+    loop: Any
+    transport: Any
+    queue: Any
+    current: Any
+    fast: Any
+    address: Any
+    deadline: float
+    timer: int
+    busy: bool
+    paused: bool
+    write_paused: bool
+    stopped: bool
+    closing: bool
+    def data_received(self, data: bytes) -> None: ...
+    def _fast_settled(self, future: Any) -> None: ...

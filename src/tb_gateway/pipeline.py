@@ -27,17 +27,19 @@ from tb_gateway.metrics import Metrics
 from tb_gateway.records import Record
 from tb_gateway.sinks.base import CallbackSink, Outcome, Sink, worst
 
-try:  # settling a wholly delivered batch in C (setup.py builds it where a compiler is present)
+try:  # settling a wholly delivered batch, and running its waiters, in C (built where a compiler is present)
+    from tb_gateway._speedups import run_settled as _run_settled
     from tb_gateway._speedups import settle_delivered as _settle_delivered
-except ImportError:  # pragma: no cover - the loop in _settle_batch does the same
+except ImportError:  # pragma: no cover - the loops in _settle_batch do the same
     _settle_delivered = None  # type: ignore[assignment]
+    _run_settled = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
 GROUP_COMMIT_ENOUGH = 32  # records that make a batch worth its fdatasync (~45 µs of CPU) without waiting
 
 
-class _Ticket(asyncio.Future[Outcome]):
+class Ticket(asyncio.Future[Outcome]):
     """One device message: the future its transport waits on, resolved when the last of its records is
     settled. A subclass rather than a future plus a counter object: one allocation per message, not two."""
 
@@ -63,7 +65,7 @@ def when_settled(future: asyncio.Future[Any], callback: Callable[[asyncio.Future
     device is answered). Plain ``add_done_callback`` would schedule it instead, and each scheduling hop
     waits for the loop's next pass over the sockets: about 1 ms under load, on every acknowledgement's path.
     """
-    if type(future) is not _Ticket or future.done():
+    if type(future) is not Ticket or future.done():
         future.add_done_callback(callback)
     elif (then := future.then) is None:
         future.then = callback
@@ -75,6 +77,13 @@ def when_settled(future: asyncio.Future[Any], callback: Callable[[asyncio.Future
 
 def _nothing() -> None:
     pass
+
+
+def _report(ticket: Ticket, exc: Exception) -> None:
+    """A ticket's callback raised: one transport's bug must not keep the others' answers; say it loudly."""
+    ticket.get_loop().call_exception_handler(
+        {"message": "exception in a pipeline ticket callback", "exception": exc, "future": ticket}
+    )
 
 
 class Pipeline:
@@ -94,7 +103,7 @@ class Pipeline:
         self._batch_timeout_s = batch_timeout_s
         self._max_queue = max_queue
         self._queue: deque[Record] = deque()
-        self._tickets: deque[_Ticket] = deque()  # side by side with _queue: a message's ticket per record
+        self._tickets: deque[Ticket] = deque()  # side by side with _queue: a message's ticket per record
         self._wakeup = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
@@ -146,7 +155,7 @@ class Pipeline:
         loop = self._event_loop
         if loop is None:  # bound on first use: the pipeline may be built before the loop runs
             loop = self._event_loop = asyncio.get_running_loop()
-        ticket = _Ticket(loop=loop)
+        ticket = Ticket(loop=loop)
         ticket.pending = count
         ticket.outcome = Outcome.DELIVERED
         ticket.then = None
@@ -189,7 +198,7 @@ class Pipeline:
                 self._last_left = asyncio.get_running_loop().time()
                 deliveries.create_task(self._deliver(batch, owners))
 
-    def _take(self) -> tuple[list[Record], list[_Ticket]]:
+    def _take(self) -> tuple[list[Record], list[Ticket]]:
         """The next batch and its tickets, off the queue."""
         records, tickets = self._queue, self._tickets
         if len(records) <= self._batch_size:  # everything queued: copied in C, not popped one by one
@@ -279,7 +288,7 @@ class Pipeline:
         self._timer = None
         self._kick()
 
-    def _delivered(self, records: list[Record], tickets: list[_Ticket], outcomes: Any) -> None:
+    def _delivered(self, records: list[Record], tickets: list[Ticket], outcomes: Any) -> None:
         """A CallbackSink's answer (the outcomes, or the exception its delivery raised).
 
         The next batch leaves on the loop's next pass, not at once: under load a pass is long, so batches
@@ -328,7 +337,7 @@ class Pipeline:
         if wait > 0:
             await asyncio.sleep(wait)
 
-    async def _deliver(self, records: list[Record], tickets: list[_Ticket]) -> None:
+    async def _deliver(self, records: list[Record], tickets: list[Ticket]) -> None:
         try:
             outcomes: Sequence[Outcome] | BaseException = await self.sink.deliver(records)
         except Exception as exc:  # judged by _settle_batch, like a callback sink's failure
@@ -336,7 +345,7 @@ class Pipeline:
         self._settle_batch(records, tickets, outcomes)
 
     def _settle_batch(
-        self, records: list[Record], tickets: list[_Ticket], outcomes: Sequence[Outcome] | BaseException
+        self, records: list[Record], tickets: list[Ticket], outcomes: Sequence[Outcome] | BaseException
     ) -> None:
         try:
             if isinstance(outcomes, SinkError):
@@ -360,7 +369,7 @@ class Pipeline:
                 self._wakeup.set()
         self._metrics.count_sent(records, outcomes)
         delivered = Outcome.DELIVERED
-        waiting: list[_Ticket] = tickets
+        waiting: list[Ticket] = tickets
         if _settle_delivered is not None and outcomes.count(delivered) == len(outcomes):
             waiting = _settle_delivered(tickets)  # the common case in one C call; the tickets with waiters
         else:
@@ -371,6 +380,9 @@ class Pipeline:
                         ticket.set_result(ticket.outcome)
                 else:
                     ticket.settle(outcome)
+        if _run_settled is not None:  # the loop below, in C
+            _run_settled(waiting, _report)
+            return
         for ticket in waiting:  # the waiters, once the whole batch is settled (see when_settled)
             then = ticket.then
             if then is not None and ticket.done():
@@ -379,6 +391,4 @@ class Pipeline:
                     try:
                         callback(ticket)
                     except Exception as exc:  # one transport's bug must not keep the others' answers
-                        ticket.get_loop().call_exception_handler(
-                            {"message": "exception in a pipeline ticket callback", "exception": exc, "future": ticket}
-                        )
+                        _report(ticket, exc)

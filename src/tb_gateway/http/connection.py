@@ -24,12 +24,15 @@
   reads it; nothing after it is read. CONNECT is refused (no route) and closes the same way.
 - A connection that ends in error (400 malformed, 408, 413, 431) is answered, half-closed and drained for
   ``LINGER_S`` so the client reads the answer instead of a reset.
-- The fast lane: a read that is exactly one simple device message (``_speedups.http_post``: a whole POST
-  with a Content-Length, nothing httptools would read differently) from a device the auth cache knows, on a
-  connection with nothing else in progress and a client that reads our answers, skips httptools' callbacks
-  and the per-request ``Request``: the connection's one reusable ``fast`` request stands in the queue until
-  the pipeline answers. Anything else, and every refusal decided before the message is posted, takes the
-  general path above.
+- The fast lane (C, ``_lanes.c``: the C base class ``FastConnection`` owns ``data_received``): a read that is
+  exactly one simple device message (a whole POST with a Content-Length, nothing httptools would read
+  differently: ``http_post_parse``) from a device the auth cache knows, on a connection with nothing else in
+  progress and a client that reads our answers, is posted without httptools' callbacks or a per-request
+  ``Request`` (the connection's one reusable ``fast`` request stands in the queue until the pipeline
+  answers), and its 200 is written from the ticket's callback. Anything else goes to ``_read``, the general
+  path above, and whatever the lane does not answer plainly (a bad payload, a refusal, a delivery that is not
+  a plain success on an unchanged connection) to ``_fast_failed`` / ``_fast_answered`` / ``_fast_resume``.
+  Without the C extension every read takes the general path.
 """
 
 from __future__ import annotations
@@ -51,10 +54,19 @@ from tb_gateway.pipeline import when_settled
 from tb_gateway.records import DeviceIdentity
 from tb_gateway.sinks.base import Outcome
 
-try:
-    from tb_gateway._speedups import http_post
-except ImportError:  # built without a C compiler: every request takes the general path
-    http_post = None  # type: ignore[assignment]
+try:  # the fast lane and the state it reads on every request, in C (_lanes.c)
+    from tb_gateway._speedups import FastConnection as _Base
+except ImportError:  # pragma: no cover - built without a C compiler: every request takes the general path
+
+    class _Base:  # type: ignore[no-redef]
+        """Without the C extension: no fast lane, httptools reads everything."""
+
+        def data_received(self, data: bytes) -> None:
+            connection = cast("HttpConnection", self)
+            connection.api.pipeline.poll()  # answers whose batch is durable go out now
+            if not connection.stopped:
+                connection._read(data)
+
 
 if TYPE_CHECKING:
     from tb_gateway.http.server import HttpServer
@@ -97,9 +109,14 @@ class _UpgradeBody:
         raise _Stop
 
 
-class HttpConnection(asyncio.Protocol):
+class HttpConnection(_Base, asyncio.Protocol):
+    """One client connection. ``data_received`` is the C base's (the fast lane, which hands everything else
+    to ``_read``); the attributes it shares with this class (queue, current, fast, timer, deadline, the
+    flags) are its member slots."""
+
     def __init__(self, server: HttpServer) -> None:
         self.server = server
+        self.lane = server.lane
         self.api = server.api
         self.handlers = server.handlers
         self.loop = asyncio.get_running_loop()
@@ -151,13 +168,8 @@ class HttpConnection(asyncio.Protocol):
         server.connected.inc()
         self.deadline = self.loop.time() + server.header_timeout
 
-    def data_received(self, data: bytes) -> None:
-        self.api.pipeline.poll()  # answers whose batch is durable go out now, not at the end of this pass
-        if self.stopped:
-            return  # failing (lingering), draining or after EOF: discard
-        idle = not self.queue and self.current is None and self.timer != HEAD and not self.write_paused
-        if idle and self._fast(data):  # the fast lane (module docstring); else httptools reads it
-            return
+    def _read(self, data: bytes) -> None:
+        """A read the fast lane did not take (``data_received`` polled the pipeline and checked ``stopped``)."""
         self.consumed = 0
         upgrade = -1
         try:
@@ -180,75 +192,25 @@ class HttpConnection(asyncio.Protocol):
                 self._fail(431, "headers_too_large")
         self._sync_reading()
 
-    def _fast(self, data: bytes) -> bool:
-        """The fast lane (module docstring): True when it took the request; False leaves ``data`` untouched."""
-        if http_post is None:
-            return False
-        hit = http_post(data, MAX_HEAD_BYTES)
-        if hit is None:
-            return False
-        target, body = hit
-        server = self.server
-        _, credentials, _, _, kind = server.route(b"POST", target)
-        if kind is None or credentials is None or len(body) > server.max_payload or server.draining:
-            return False
-        api = self.api
-        device = api.known_device(credentials, HTTP, self.address)
-        if device is None:
-            return False
-        request = self.fast
-        request.persist = Persist.KEEP
-        request.device = device
-        request.done_at = time.perf_counter()
-        self.timer = NO_TIMER
-        self.deadline = 0.0
-        self.queue.append(request)
-        try:
-            result = api.post(device, kind, body, HTTP)
-        except PayloadError as exc:  # already counted and logged
-            self._finish(request, error(400, str(exc)))
-            return True
-        except Exception:
-            log.exception("HTTP %s handler failed", kind.value)
-            self.api.metrics.errors.labels(component="http").inc()
-            self._finish(request, error(500, "internal error"))
-            return True
-        if isinstance(result, Outcome):  # answered at once; a refusal is already counted
-            self._finish(request, self.handlers.outcome(request, result))
-        else:
-            self.busy = True
-            when_settled(result, self._fast_settled)
-        return True
+    # ---- the fast lane's hand-offs (_lanes.c takes the request, these answer what it does not) ----
 
-    def _fast_settled(self, future: asyncio.Future[Any]) -> None:
-        """The fast lane's message is settled. Delivered, on a connection where nothing else happened
-        meanwhile, the answer is written here: what ``_resume`` -> ``_finish`` -> ``_go_on`` would do then
-        (a 200 kept alive, the idle timer, reading unchanged), without their general bookkeeping. Anything
-        else goes that whole way."""
-        request = self.fast
-        transport = self.transport
-        if (
-            future.cancelled()
-            or future.result() is not Outcome.DELIVERED
-            or self.closing
-            or self.stopped
-            or request.fatal
-            or len(self.queue) != 1
-            or self.current is not None
-            or self.paused
-            or self.timer != NO_TIMER
-            or self.server.draining
-            or transport is None
-            or transport.is_closing()
-        ):
-            self._resume(request, self.handlers.delivered, future)
+    def _fast_failed(self, request: Request, exc: Exception) -> None:
+        """Posting the fast lane's message raised: a bad payload (already counted and logged) or a failure."""
+        if isinstance(exc, PayloadError):
+            self._finish(request, error(400, str(exc)))
             return
-        self.busy = False
-        self._ack_latency.observe(time.perf_counter() - request.done_at)  # as handlers.outcome
-        transport.write(self.server.responses.table[Persist.KEEP][200])
-        self.queue.popleft()
-        self.timer = IDLE
-        self.deadline = self.loop.time() + self.server.idle_timeout
+        log.error("HTTP device message handler failed", exc_info=exc)
+        self.api.metrics.errors.labels(component="http").inc()
+        self._finish(request, error(500, "internal error"))
+
+    def _fast_answered(self, request: Request, outcome: Outcome) -> None:
+        """Answered at once (a refusal is already counted, or nothing to store)."""
+        self._finish(request, self.handlers.outcome(request, outcome))
+
+    def _fast_resume(self, future: asyncio.Future[Any]) -> None:
+        """The fast lane's message is settled, but not plainly delivered on an unchanged connection: the general
+        path's answer."""
+        self._resume(self.fast, self.handlers.delivered, future)
 
     def eof_received(self) -> bool | None:
         if not self.peer_gone.done():

@@ -15,11 +15,18 @@ from typing import Any
 
 from tb_gateway.auth import AccessToken
 from tb_gateway.device_api import DeviceApi
-from tb_gateway.http.connection import HttpConnection
+from tb_gateway.http.connection import MAX_HEAD_BYTES, HttpConnection
 from tb_gateway.http.handlers import HTTP, Handler, Handlers
 from tb_gateway.http.routes import Endpoint, Match, Miss, resolve
-from tb_gateway.http.wire import EmptyResponses
+from tb_gateway.http.wire import EmptyResponses, Persist
+from tb_gateway.pipeline import Ticket, when_settled
 from tb_gateway.records import RecordKind
+from tb_gateway.sinks.base import Outcome
+
+try:  # what the fast lane of every connection shares (_lanes.c)
+    from tb_gateway._speedups import HttpLane
+except ImportError:  # pragma: no cover - built without a C compiler: no fast lane
+    HttpLane = None  # type: ignore[misc,assignment]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +61,24 @@ class HttpServer:
         self.draining = False
         self.connected = api.metrics.connections.labels(transport=HTTP.value)
         self._routes: dict[tuple[bytes, bytes], Route] = {}
+        self.lane = (
+            None
+            if HttpLane is None
+            else HttpLane(
+                self,
+                api,
+                HTTP,
+                Persist.KEEP,
+                Outcome,
+                Outcome.DELIVERED,
+                Ticket,
+                when_settled,
+                self.responses,
+                self.handlers.ack_latency,
+                MAX_HEAD_BYTES,
+                ROUTE_CACHE,
+            )
+        )
         self._tasks: set[asyncio.Task[Any]] = set()
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None

@@ -1,0 +1,1021 @@
+/* Whole per-message paths in C, for the common case only (built with _speedups.c into one module): Ingest
+ * (DeviceApi.post), the HTTP fast lane (FastConnection, HttpLane) and run_settled (pipeline.py's waiters).
+ *
+ * Ingest: device_api.DeviceApi.post for a telemetry message that parses with orjson into one group, with no
+ * rate limit configured: count it, mark the device active, build its Record and admit it to the pipeline,
+ * in one call instead of some ten Python frames (about 2 µs of a message's 7-10). Anything else — other
+ * kinds, payloads normalize.py must look at again, several groups, a pipeline that is closing, full or not
+ * yet running — is handed, untouched, to the Python code it stands in for (DeviceApi._post, or
+ * DeviceApi._admit once the record is built), which stays the reference: tests/test_lanes.py checks that
+ * both give the same records, counters, device state and answers.
+ */
+#include "_speedups.h"
+
+#include <stddef.h>
+#include <structmember.h>
+#include <time.h>
+
+static PyObject *limiter_name, *downlink_name, *states_name, *id_name, *active_name, *last_activity_name,
+    *activity_name, *value_name, *pipeline_name, *closing_name, *queue_name, *tickets_name, *max_queue_name,
+    *event_loop_name, *deliver_then_name, *kick_due_name, *kick_name, *append_name, *pending_name,
+    *outcome_name, *then_name, *activity_seen_name, *now_ms_name, *loop_kwnames, *one;
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *api;         /* DeviceApi: its limiter, downlink and pipeline are read at every call */
+    PyObject *fallback;    /* DeviceApi._post(device, kind, payload, transport, now_ms=None, *, activity_seen) */
+    PyObject *admit;       /* DeviceApi._admit(device, kind, records, transport) */
+    PyObject *received;    /* {Transport: counter child} */
+    PyObject *clock;       /* () -> epoch ms */
+    PyObject *make_record; /* Record(device, kind, ts, values, transport, received_at) */
+    PyObject *telemetry;   /* RecordKind.TELEMETRY */
+    PyObject *loads;       /* orjson.loads */
+    PyObject *ticket_type; /* pipeline.Ticket */
+    PyObject *delivered;   /* Outcome.DELIVERED */
+    int type_cast;
+    Py_ssize_t max_string;
+} IngestObject;
+
+/* obj.name is True (1), anything else (0), or an error (-1) */
+static int
+attr_is_true(PyObject *obj, PyObject *name)
+{
+    PyObject *value = PyObject_GetAttr(obj, name);
+    if (value == NULL) {
+        return -1;
+    }
+    int is_true = value == Py_True;
+    Py_DECREF(value);
+    return is_true;
+}
+
+/* obj.name is None (1), anything else (0), or an error (-1) */
+static int
+attr_is_none(PyObject *obj, PyObject *name)
+{
+    PyObject *value = PyObject_GetAttr(obj, name);
+    if (value == NULL) {
+        return -1;
+    }
+    int is_none = value == Py_None;
+    Py_DECREF(value);
+    return is_none;
+}
+
+/* counter.value += 1 (fastmetrics' CounterChild.inc() without its frame) */
+static int
+count_one(PyObject *counter)
+{
+    PyObject *value = PyObject_GetAttr(counter, value_name);
+    PyObject *sum = value == NULL ? NULL : PyNumber_Add(value, one);
+    int rc = sum == NULL ? -1 : PyObject_SetAttr(counter, value_name, sum);
+    Py_XDECREF(value);
+    Py_XDECREF(sum);
+    return rc;
+}
+
+/* downlink.hub.Downlink.activity(device, transport, now): its hot path (an active device: last_activity = now)
+ * here, the rest by calling it */
+static int
+mark_active(PyObject *downlink, PyObject *device, PyObject *transport, PyObject *now)
+{
+    PyObject *states = PyObject_GetAttr(downlink, states_name);
+    if (states == NULL) {
+        return -1;
+    }
+    int done = 0;
+    if (PyDict_CheckExact(states)) {
+        PyObject *id = PyObject_GetAttr(device, id_name);
+        PyObject *known = id == NULL ? NULL : PyDict_GetItemWithError(states, id); /* borrowed */
+        Py_XDECREF(id);
+        if (known != NULL) {
+            Py_INCREF(known);
+            int active = attr_is_true(known, active_name);
+            done = active < 0 ? -1 : active && PyObject_SetAttr(known, last_activity_name, now) < 0 ? -1 : active;
+            Py_DECREF(known);
+        }
+        else if (PyErr_Occurred()) {
+            done = -1;
+        }
+    }
+    Py_DECREF(states);
+    if (done) {
+        return done < 0 ? -1 : 0;
+    }
+    PyObject *args[] = {downlink, device, transport, now};
+    PyObject *none = PyObject_VectorcallMethod(activity_name, args, 4 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    Py_XDECREF(none);
+    return none == NULL ? -1 : 0;
+}
+
+/* pipeline.Pipeline.submit([record]) when the pipeline is running a callback sink with room: the ticket;
+ * NULL without an error in any other state (the caller asks DeviceApi._admit) */
+static PyObject *
+submit_one(IngestObject *self, PyObject *pipeline, PyObject *record)
+{
+    PyObject *queue = NULL, *tickets = NULL, *loop = NULL, *ticket = NULL, *none = NULL;
+    int closing = attr_is_true(pipeline, closing_name);
+    if (closing != 0) {
+        return NULL;
+    }
+    if (attr_is_none(pipeline, deliver_then_name) != 0) {
+        return NULL; /* a plain sink: submit wakes the batching task instead */
+    }
+    PyObject *limit = PyObject_GetAttr(pipeline, max_queue_name);
+    Py_ssize_t max_queue = limit == NULL ? -1 : PyLong_AsSsize_t(limit);
+    Py_XDECREF(limit);
+    queue = PyObject_GetAttr(pipeline, queue_name);
+    tickets = queue == NULL ? NULL : PyObject_GetAttr(pipeline, tickets_name);
+    loop = tickets == NULL ? NULL : PyObject_GetAttr(pipeline, event_loop_name);
+    if (loop == NULL || PyErr_Occurred() || loop == Py_None) {
+        goto done;
+    }
+    Py_ssize_t depth = PyObject_Length(queue);
+    if (depth < 0 || depth + 1 > max_queue) {
+        goto done;
+    }
+    PyObject *args[] = {NULL, loop};
+    ticket = PyObject_Vectorcall(self->ticket_type, args + 1, 0 | PY_VECTORCALL_ARGUMENTS_OFFSET, loop_kwnames);
+    if (ticket == NULL || PyObject_SetAttr(ticket, pending_name, one) < 0 ||
+        PyObject_SetAttr(ticket, outcome_name, self->delivered) < 0 || PyObject_SetAttr(ticket, then_name, Py_None) < 0) {
+        Py_CLEAR(ticket);
+        goto done;
+    }
+    none = PyObject_CallMethodOneArg(queue, append_name, record);
+    if (none == NULL) {
+        Py_CLEAR(ticket);
+        goto done;
+    }
+    Py_DECREF(none);
+    none = PyObject_CallMethodOneArg(tickets, append_name, ticket);
+    if (none == NULL) { /* the record is queued without its ticket: as broken as Python's submit would be */
+        Py_CLEAR(ticket);
+        goto done;
+    }
+    Py_DECREF(none);
+    int due = attr_is_true(pipeline, kick_due_name); /* _kick_next_pass: once per loop pass */
+    none = due != 0 ? NULL : PyObject_CallMethodNoArgs(pipeline, kick_name);
+    if (due < 0 || (due == 0 && none == NULL)) {
+        Py_CLEAR(ticket);
+    }
+    Py_XDECREF(none);
+done:
+    Py_XDECREF(queue);
+    Py_XDECREF(tickets);
+    Py_XDECREF(loop);
+    return ticket;
+}
+
+/* The common telemetry message, or NULL without an error (nothing done yet): ask DeviceApi._post. */
+static PyObject *
+ingest_fast(IngestObject *self, PyObject *device, PyObject *kind, PyObject *payload, PyObject *transport,
+            PyObject *now_arg, int activity_seen)
+{
+    if (kind != self->telemetry || !PyBytes_CheckExact(payload) ||
+        has_long_fraction(PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload))) {
+        return NULL;
+    }
+    PyObject *counter = PyDict_GetItemWithError(self->received, transport); /* borrowed */
+    if (counter == NULL || attr_is_none(self->api, limiter_name) != 1) {
+        return NULL; /* an unknown transport or an error: Python raises it; a rate limit: Python checks it */
+    }
+    PyObject *now = now_arg == Py_None ? PyObject_CallNoArgs(self->clock) : Py_NewRef(now_arg);
+    if (now == NULL) {
+        return NULL;
+    }
+    PyObject *document = PyObject_CallOneArg(self->loads, payload);
+    if (document == NULL) {
+        PyErr_Clear(); /* normalize.py says what is wrong, counted and logged */
+        Py_DECREF(now);
+        return NULL;
+    }
+    PyObject *groups = telemetry_groups(document, now, self->type_cast, self->max_string);
+    Py_DECREF(document);
+    if (groups == NULL || PyList_GET_SIZE(groups) != 1) { /* none, several (merged per ts), or normalize.py's */
+        Py_XDECREF(groups);
+        Py_DECREF(now);
+        return NULL;
+    }
+    /* from here on the message is taken: what DeviceApi._post does, in its order */
+    PyObject *record = NULL, *ticket = NULL, *pipeline = NULL, *downlink = NULL;
+    if (count_one(counter) < 0) {
+        goto done;
+    }
+    if (!activity_seen) {
+        downlink = PyObject_GetAttr(self->api, downlink_name);
+        if (downlink == NULL || (downlink != Py_None && mark_active(downlink, device, transport, now) < 0)) {
+            goto done;
+        }
+    }
+    PyObject *group = PyList_GET_ITEM(groups, 0);
+    PyObject *args[] = {device, kind, PyTuple_GET_ITEM(group, 0), PyTuple_GET_ITEM(group, 1), transport, now};
+    record = PyObject_Vectorcall(self->make_record, args, 6, NULL);
+    pipeline = record == NULL ? NULL : PyObject_GetAttr(self->api, pipeline_name);
+    if (pipeline == NULL) {
+        goto done;
+    }
+    ticket = submit_one(self, pipeline, record);
+    if (ticket == NULL && !PyErr_Occurred()) {
+        PyObject *records = PyList_New(1);
+        if (records != NULL) {
+            PyList_SET_ITEM(records, 0, Py_NewRef(record));
+            PyObject *admit_args[] = {device, kind, records, transport};
+            ticket = PyObject_Vectorcall(self->admit, admit_args, 4, NULL);
+            Py_DECREF(records);
+        }
+    }
+done:
+    Py_XDECREF(record);
+    Py_XDECREF(pipeline);
+    Py_XDECREF(downlink);
+    Py_DECREF(groups);
+    Py_DECREF(now);
+    if (ticket == NULL && !PyErr_Occurred()) {
+        PyErr_SetString(PyExc_SystemError, "Ingest: no answer");
+    }
+    return ticket;
+}
+
+/* Ingest(device, kind, payload, transport, now_ms=None, *, activity_seen=False): DeviceApi.post's signature */
+static PyObject *
+ingest_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    IngestObject *self = (IngestObject *)callable;
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    PyObject *now = nargs == 5 ? args[4] : Py_None;
+    int activity_seen = 0, usable = nargs == 4 || nargs == 5;
+    Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+    for (Py_ssize_t i = 0; usable && i < nkw; i++) {
+        PyObject *name = PyTuple_GET_ITEM(kwnames, i), *value = args[nargs + i];
+        if (name == activity_seen_name || PyUnicode_Compare(name, activity_seen_name) == 0) {
+            activity_seen = value == Py_True ? 1 : value == Py_False ? 0 : -1;
+            usable = activity_seen >= 0;
+        }
+        else if (nargs == 4 && (name == now_ms_name || PyUnicode_Compare(name, now_ms_name) == 0)) {
+            now = value;
+        }
+        else {
+            usable = 0;
+        }
+    }
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    if (usable) {
+        PyObject *result = ingest_fast(self, args[0], args[1], args[2], args[3], now, activity_seen);
+        if (result != NULL || PyErr_Occurred()) {
+            return result;
+        }
+    }
+    return PyObject_Vectorcall(self->fallback, args, nargsf, kwnames);
+}
+
+static int
+ingest_traverse(IngestObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->api);
+    Py_VISIT(self->fallback);
+    Py_VISIT(self->admit);
+    Py_VISIT(self->received);
+    Py_VISIT(self->clock);
+    Py_VISIT(self->make_record);
+    Py_VISIT(self->telemetry);
+    Py_VISIT(self->loads);
+    Py_VISIT(self->ticket_type);
+    Py_VISIT(self->delivered);
+    return 0;
+}
+
+static int
+ingest_clear(IngestObject *self)
+{
+    Py_CLEAR(self->api);
+    Py_CLEAR(self->fallback);
+    Py_CLEAR(self->admit);
+    Py_CLEAR(self->received);
+    Py_CLEAR(self->clock);
+    Py_CLEAR(self->make_record);
+    Py_CLEAR(self->telemetry);
+    Py_CLEAR(self->loads);
+    Py_CLEAR(self->ticket_type);
+    Py_CLEAR(self->delivered);
+    return 0;
+}
+
+static void
+ingest_dealloc(IngestObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    ingest_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+ingest_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    IngestObject *self = (IngestObject *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    int type_cast = 0;
+    if (!PyArg_ParseTuple(args, "OOOO!OOOOOOpn:Ingest", &self->api, &self->fallback, &self->admit, &PyDict_Type,
+                          &self->received, &self->clock, &self->make_record, &self->telemetry, &self->loads,
+                          &self->ticket_type, &self->delivered, &type_cast, &self->max_string) ||
+        (kwargs != NULL && PyDict_GET_SIZE(kwargs) != 0)) {
+        self->api = self->fallback = self->admit = self->received = self->clock = self->make_record = NULL;
+        self->telemetry = self->loads = self->ticket_type = self->delivered = NULL;
+        Py_DECREF(self);
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "Ingest takes positional arguments only");
+        }
+        return NULL;
+    }
+    Py_INCREF(self->api);
+    Py_INCREF(self->fallback);
+    Py_INCREF(self->admit);
+    Py_INCREF(self->received);
+    Py_INCREF(self->clock);
+    Py_INCREF(self->make_record);
+    Py_INCREF(self->telemetry);
+    Py_INCREF(self->loads);
+    Py_INCREF(self->ticket_type);
+    Py_INCREF(self->delivered);
+    self->type_cast = type_cast;
+    self->vectorcall = ingest_vectorcall;
+    return (PyObject *)self;
+}
+
+static PyTypeObject IngestType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "tb_gateway._speedups.Ingest",
+    .tp_basicsize = sizeof(IngestObject),
+    .tp_dealloc = (destructor)ingest_dealloc,
+    .tp_vectorcall_offset = offsetof(IngestObject, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL | Py_TPFLAGS_HAVE_GC,
+    .tp_traverse = (traverseproc)ingest_traverse,
+    .tp_clear = (inquiry)ingest_clear,
+    .tp_new = ingest_new,
+    .tp_doc = "DeviceApi.post for the common telemetry message (device_api.py); the rest goes to its fallback",
+};
+
+/* ------------------------------------------------------------------------------------------------------------
+ * The HTTP fast lane (http/connection.py, module docstring). FastConnection is the C base of HttpConnection:
+ * its data_received takes a read that is exactly one simple POST of a device message from a device the auth
+ * cache knows, on a connection with nothing else in progress, posts it, and _fast_settled writes the 200
+ * once the pipeline settled it. Everything else goes to HttpConnection's Python methods (_read,
+ * _fast_failed, _fast_answered, _fast_resume), the general path. The connection state read on every request
+ * lives in this struct (member descriptors), so the Python code reads and writes it as plain attributes.
+ */
+
+enum { NO_TIMER, FRESH, IDLE, HEAD }; /* http/connection.py: what the connection's one deadline is for */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *server;      /* HttpServer: draining, max_payload, idle_timeout (read each time), route() */
+    PyObject *api;         /* DeviceApi: pipeline.poll, known_device and post, read at every request */
+    PyObject *routes;      /* {target: (credentials, kind)}: server.route for POST, cached */
+    PyObject *http;        /* Transport.HTTP */
+    PyObject *keep;        /* Persist.KEEP */
+    PyObject *outcome_type;
+    PyObject *delivered;   /* Outcome.DELIVERED */
+    PyObject *ticket_type; /* pipeline.Ticket */
+    PyObject *when_settled;
+    PyObject *responses;   /* EmptyResponses: table[Persist.KEEP][200] is this second's 200 */
+    PyObject *ack_latency; /* histogram child: observe(seconds) */
+    Py_ssize_t max_head, max_routes;
+    Py_ssize_t taken; /* requests the fast lane took (tests/test_http_fast.py tells the two paths apart by it) */
+} HttpLaneObject;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *lane;
+    PyObject *loop;
+    PyObject *transport;
+    PyObject *queue;   /* deque of Request: the answers owed, in order */
+    PyObject *current; /* the Request whose body is being read, or None */
+    PyObject *fast;    /* the fast lane's one reusable Request */
+    PyObject *address;
+    PyObject *settled; /* self._fast_settled, bound once */
+    double deadline;
+    int timer;
+    char busy, paused, write_paused, stopped, closing;
+} FastConnectionObject;
+
+static PyObject *pipeline_name_, *poll_name, *known_device_name, *post_name, *draining_name, *route_name,
+    *persist_name, *device_attr_name, *done_at_name, *fatal_name, *popleft_name_, *write_name, *is_closing_name,
+    *time_name, *table_name, *observe_name, *cancelled_name, *result_name_, *done_name_, *read_name,
+    *fast_failed_name, *fast_answered_name, *fast_resume_name, *fast_settled_name, *post_method, *status_200,
+    *then_name_, *max_payload_name, *idle_timeout_name;
+
+static double
+monotonic_s(void) /* time.perf_counter() on Linux: the same CLOCK_MONOTONIC */
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (double)now.tv_sec + (double)now.tv_nsec * 1e-9;
+}
+
+static int
+is_none(PyObject *obj)
+{
+    return obj == NULL || obj == Py_None;
+}
+
+/* (credentials, kind) of a POST target, through the lane's cache; NULL with an error on failure */
+static PyObject *
+post_route(HttpLaneObject *lane, PyObject *target)
+{
+    PyObject *found = PyDict_GetItemWithError(lane->routes, target);
+    if (found != NULL) {
+        return Py_NewRef(found);
+    }
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    PyObject *args[] = {lane->server, post_method, target};
+    PyObject *route = PyObject_VectorcallMethod(route_name, args, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    if (route == NULL) {
+        return NULL;
+    }
+    if (!PyTuple_Check(route) || PyTuple_GET_SIZE(route) != 5) {
+        Py_DECREF(route);
+        PyErr_SetString(PyExc_TypeError, "HttpServer.route: expected a 5-tuple");
+        return NULL;
+    }
+    found = PyTuple_Pack(2, PyTuple_GET_ITEM(route, 1), PyTuple_GET_ITEM(route, 4));
+    Py_DECREF(route);
+    if (found == NULL) {
+        return NULL;
+    }
+    if (PyDict_GET_SIZE(lane->routes) >= lane->max_routes) {
+        PyDict_Clear(lane->routes); /* a flood of made-up targets just refills it */
+    }
+    if (PyDict_SetItem(lane->routes, target, found) < 0) {
+        Py_DECREF(found);
+        return NULL;
+    }
+    return found;
+}
+
+/* The request is queued and posted; hand the answer on (an Outcome now, or a future to follow). 0 or -1. */
+static int
+follow(FastConnectionObject *self, HttpLaneObject *lane, PyObject *request, PyObject *result)
+{
+    PyObject *none;
+    if (PyObject_TypeCheck(result, (PyTypeObject *)lane->outcome_type)) { /* answered at once */
+        none = PyObject_CallMethodObjArgs((PyObject *)self, fast_answered_name, request, result, NULL);
+        Py_XDECREF(none);
+        return none == NULL ? -1 : 0;
+    }
+    self->busy = 1;
+    if (Py_IS_TYPE(result, (PyTypeObject *)lane->ticket_type)) { /* pipeline.when_settled, its usual case */
+        PyObject *then = PyObject_GetAttr(result, then_name_);
+        int free = then == Py_None;
+        Py_XDECREF(then);
+        if (then == NULL) {
+            return -1;
+        }
+        PyObject *done = free ? PyObject_CallMethodNoArgs(result, done_name_) : NULL;
+        if (free && done == NULL) {
+            return -1;
+        }
+        free = free && done == Py_False;
+        Py_XDECREF(done);
+        if (free) {
+            return PyObject_SetAttr(result, then_name_, self->settled);
+        }
+    }
+    none = PyObject_CallFunctionObjArgs(lane->when_settled, result, self->settled, NULL);
+    Py_XDECREF(none);
+    return none == NULL ? -1 : 0;
+}
+
+/* 1: the fast lane took the read; 0: leave it to _read (nothing was changed); -1: an error */
+static int
+fast_read(FastConnectionObject *self, HttpLaneObject *lane, PyObject *data)
+{
+    if (is_none(self->queue) || !is_none(self->current) || self->timer == HEAD || self->write_paused ||
+        is_none(self->fast) || !PyBytes_CheckExact(data)) {
+        return 0;
+    }
+    Py_ssize_t waiting = PyObject_Length(self->queue);
+    if (waiting != 0) {
+        return waiting < 0 ? -1 : 0;
+    }
+    const char *bytes = PyBytes_AS_STRING(data);
+    Py_ssize_t size = PyBytes_GET_SIZE(data), target_end, body_start;
+    if (!http_post_parse(bytes, size, lane->max_head, &target_end, &body_start)) {
+        return 0;
+    }
+    PyObject *target = PyBytes_FromStringAndSize(bytes + 5, target_end - 5);
+    PyObject *route = target == NULL ? NULL : post_route(lane, target);
+    Py_XDECREF(target);
+    if (route == NULL) {
+        return -1;
+    }
+    PyObject *credentials = PyTuple_GET_ITEM(route, 0), *kind = PyTuple_GET_ITEM(route, 1);
+    PyObject *device = NULL, *body = NULL, *result = NULL, *post = NULL, *none = NULL, *at = NULL;
+    PyObject *request = Py_NewRef(self->fast);
+    int rc = -1;
+    if (credentials == Py_None || kind == Py_None) {
+        rc = 0;
+        goto done;
+    }
+    PyObject *limit = PyObject_GetAttr(lane->server, max_payload_name);
+    Py_ssize_t max_payload = limit == NULL ? -1 : PyLong_AsSsize_t(limit);
+    Py_XDECREF(limit);
+    PyObject *draining = PyErr_Occurred() ? NULL : PyObject_GetAttr(lane->server, draining_name);
+    if (draining == NULL) {
+        goto done;
+    }
+    int drain = PyObject_IsTrue(draining);
+    Py_DECREF(draining);
+    if (drain != 0 || size - body_start > max_payload) {
+        rc = drain < 0 ? -1 : 0;
+        goto done;
+    }
+    PyObject *args[] = {lane->api, credentials, lane->http, self->address != NULL ? self->address : Py_None};
+    device = PyObject_VectorcallMethod(known_device_name, args, 4 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    if (device == NULL || device == Py_None) {
+        rc = device == NULL ? -1 : 0;
+        goto done;
+    }
+    /* taken: from here on the request is the fast lane's */
+    lane->taken++;
+    at = PyFloat_FromDouble(monotonic_s());
+    if (at == NULL || PyObject_SetAttr(request, persist_name, lane->keep) < 0 ||
+        PyObject_SetAttr(request, device_attr_name, device) < 0 || PyObject_SetAttr(request, done_at_name, at) < 0) {
+        goto done;
+    }
+    self->timer = NO_TIMER;
+    self->deadline = 0.0;
+    none = PyObject_CallMethodOneArg(self->queue, append_name, request);
+    if (none == NULL) {
+        goto done;
+    }
+    body = PyBytes_FromStringAndSize(bytes + body_start, size - body_start);
+    post = body == NULL ? NULL : PyObject_GetAttr(lane->api, post_name);
+    if (post == NULL) {
+        goto done;
+    }
+    PyObject *post_args[] = {device, kind, body, lane->http};
+    result = PyObject_Vectorcall(post, post_args, 4, NULL);
+    if (result == NULL) { /* a PayloadError (counted and logged) or a failure: HttpConnection answers it */
+        if (!PyErr_ExceptionMatches(PyExc_Exception)) {
+            goto done;
+        }
+        PyObject *type, *exc, *traceback;
+        PyErr_Fetch(&type, &exc, &traceback);
+        PyErr_NormalizeException(&type, &exc, &traceback);
+        if (exc != NULL && traceback != NULL) {
+            PyException_SetTraceback(exc, traceback);
+        }
+        Py_XDECREF(none);
+        none = exc == NULL ? NULL : PyObject_CallMethodObjArgs((PyObject *)self, fast_failed_name, request, exc, NULL);
+        Py_XDECREF(type);
+        Py_XDECREF(exc);
+        Py_XDECREF(traceback);
+        rc = none == NULL ? -1 : 1;
+        goto done;
+    }
+    rc = follow(self, lane, request, result) < 0 ? -1 : 1;
+done:
+    Py_DECREF(route);
+    Py_XDECREF(device);
+    Py_XDECREF(body);
+    Py_XDECREF(result);
+    Py_XDECREF(post);
+    Py_XDECREF(none);
+    Py_XDECREF(at);
+    Py_DECREF(request);
+    return rc;
+}
+
+static PyObject *
+fast_data_received(FastConnectionObject *self, PyObject *data)
+{
+    HttpLaneObject *lane = (HttpLaneObject *)self->lane;
+    if (is_none((PyObject *)lane)) {
+        PyErr_SetString(PyExc_RuntimeError, "FastConnection: no lane");
+        return NULL;
+    }
+    /* answers whose batch is durable go out now, not at the end of this pass */
+    PyObject *pipeline = PyObject_GetAttr(lane->api, pipeline_name_);
+    PyObject *none = pipeline == NULL ? NULL : PyObject_CallMethodNoArgs(pipeline, poll_name);
+    Py_XDECREF(pipeline);
+    if (none == NULL) {
+        return NULL;
+    }
+    Py_DECREF(none);
+    if (self->stopped) {
+        Py_RETURN_NONE; /* failing (lingering), draining or after EOF: discard */
+    }
+    Py_INCREF(self);
+    Py_INCREF(lane);
+    int taken = fast_read(self, lane, data);
+    none = taken == 0 ? PyObject_CallMethodOneArg((PyObject *)self, read_name, data) : NULL;
+    Py_DECREF(lane);
+    Py_DECREF(self);
+    if (taken < 0) {
+        return NULL;
+    }
+    return taken ? Py_NewRef(Py_None) : none;
+}
+
+/* The fast lane's message is settled. Delivered, on a connection where nothing else happened meanwhile,
+ * the 200 is written here: what _resume -> _finish -> _go_on would do then. Anything else: _fast_resume. */
+static PyObject *
+fast_settled(FastConnectionObject *self, PyObject *future)
+{
+    HttpLaneObject *lane = (HttpLaneObject *)self->lane;
+    PyObject *request = self->fast, *transport = self->transport;
+    PyObject *cancelled = PyObject_CallMethodNoArgs(future, cancelled_name);
+    if (cancelled == NULL) {
+        return NULL;
+    }
+    int plain = cancelled == Py_False;
+    Py_DECREF(cancelled);
+    if (plain) {
+        PyObject *outcome = PyObject_CallMethodNoArgs(future, result_name_);
+        if (outcome == NULL) {
+            return NULL;
+        }
+        plain = outcome == lane->delivered;
+        Py_DECREF(outcome);
+    }
+    plain = plain && !self->closing && !self->stopped && !self->paused && self->timer == NO_TIMER &&
+            is_none(self->current) && !is_none(transport) && !is_none(request) && !is_none(self->queue);
+    if (plain) {
+        int fatal = -1, draining = -1, closing = -1;
+        PyObject *value = PyObject_GetAttr(request, fatal_name);
+        if (value != NULL) {
+            fatal = PyObject_IsTrue(value);
+            Py_DECREF(value);
+        }
+        value = fatal != 0 ? NULL : PyObject_GetAttr(lane->server, draining_name);
+        if (value != NULL) {
+            draining = PyObject_IsTrue(value);
+            Py_DECREF(value);
+        }
+        value = draining != 0 ? NULL : PyObject_CallMethodNoArgs(transport, is_closing_name);
+        if (value != NULL) {
+            closing = PyObject_IsTrue(value);
+            Py_DECREF(value);
+        }
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+        plain = fatal == 0 && draining == 0 && closing == 0 && PyObject_Length(self->queue) == 1;
+    }
+    if (!plain) {
+        return PyErr_Occurred() ? NULL : PyObject_CallMethodOneArg((PyObject *)self, fast_resume_name, future);
+    }
+    Py_INCREF(self);
+    PyObject *result = NULL, *at = NULL, *latency = NULL, *none = NULL, *table = NULL, *popped = NULL, *now = NULL,
+             *idle = NULL;
+    self->busy = 0;
+    at = PyObject_GetAttr(request, done_at_name);
+    double done_at = at == NULL ? -1.0 : PyFloat_AsDouble(at);
+    latency = PyErr_Occurred() ? NULL : PyFloat_FromDouble(monotonic_s() - done_at);
+    none = latency == NULL ? NULL : PyObject_CallMethodOneArg(lane->ack_latency, observe_name, latency);
+    table = none == NULL ? NULL : PyObject_GetAttr(lane->responses, table_name);
+    if (table == NULL) {
+        goto done;
+    }
+    PyObject *answers = PyTuple_Check(table) && PyTuple_GET_SIZE(table) > 0 ? PyTuple_GET_ITEM(table, 0) : NULL;
+    PyObject *ok = answers != NULL && PyDict_Check(answers) ? PyDict_GetItemWithError(answers, status_200) : NULL;
+    if (ok == NULL) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "FastConnection: no 200 in the responses table");
+        }
+        goto done;
+    }
+    Py_DECREF(none);
+    none = PyObject_CallMethodOneArg(transport, write_name, ok);
+    popped = none == NULL ? NULL : PyObject_CallMethodNoArgs(self->queue, popleft_name_);
+    now = popped == NULL ? NULL : PyObject_CallMethodNoArgs(self->loop, time_name);
+    idle = now == NULL ? NULL : PyObject_GetAttr(lane->server, idle_timeout_name);
+    double when = idle == NULL ? 0.0 : PyFloat_AsDouble(now) + PyFloat_AsDouble(idle);
+    if (idle == NULL || PyErr_Occurred()) {
+        goto done;
+    }
+    self->timer = IDLE;
+    self->deadline = when;
+    result = Py_NewRef(Py_None);
+done:
+    Py_XDECREF(at);
+    Py_XDECREF(latency);
+    Py_XDECREF(none);
+    Py_XDECREF(table);
+    Py_XDECREF(popped);
+    Py_XDECREF(now);
+    Py_XDECREF(idle);
+    Py_DECREF(self);
+    return result;
+}
+
+static int
+fast_connection_traverse(FastConnectionObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->lane);
+    Py_VISIT(self->loop);
+    Py_VISIT(self->transport);
+    Py_VISIT(self->queue);
+    Py_VISIT(self->current);
+    Py_VISIT(self->fast);
+    Py_VISIT(self->address);
+    Py_VISIT(self->settled);
+    return 0;
+}
+
+static int
+fast_connection_clear(FastConnectionObject *self)
+{
+    Py_CLEAR(self->lane);
+    Py_CLEAR(self->loop);
+    Py_CLEAR(self->transport);
+    Py_CLEAR(self->queue);
+    Py_CLEAR(self->current);
+    Py_CLEAR(self->fast);
+    Py_CLEAR(self->address);
+    Py_CLEAR(self->settled);
+    return 0;
+}
+
+static void
+fast_connection_dealloc(FastConnectionObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    fast_connection_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self); /* a subclass's instance: subtype_dealloc releases its type */
+}
+
+static PyObject *
+fast_connection_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    FastConnectionObject *self = (FastConnectionObject *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->timer = FRESH;
+    self->settled = PyObject_GetAttr((PyObject *)self, fast_settled_name); /* bound once: no cycle until set */
+    if (self->settled == NULL) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    return (PyObject *)self;
+}
+
+static PyMethodDef fast_connection_methods[] = {
+    {"data_received", (PyCFunction)fast_data_received, METH_O,
+     "asyncio.Protocol.data_received: the fast lane, else HttpConnection._read"},
+    {"_fast_settled", (PyCFunction)fast_settled, METH_O,
+     "the fast lane's message is settled: write its 200, else HttpConnection._fast_resume"},
+    {NULL, NULL, 0, NULL},
+};
+
+#define OBJ(field, doc) {#field, T_OBJECT, offsetof(FastConnectionObject, field), 0, doc}
+static PyMemberDef fast_connection_members[] = {
+    OBJ(lane, "the server's HttpLane"),
+    OBJ(loop, NULL),
+    OBJ(transport, NULL),
+    OBJ(queue, "deque of Request: the answers owed, in order"),
+    OBJ(current, "the Request whose body is being read"),
+    OBJ(fast, "the fast lane's reusable Request"),
+    OBJ(address, "the peer's address"),
+    {"deadline", T_DOUBLE, offsetof(FastConnectionObject, deadline), 0, NULL},
+    {"timer", T_INT, offsetof(FastConnectionObject, timer), 0, "what the deadline is for"},
+    {"busy", T_BOOL, offsetof(FastConnectionObject, busy), 0, NULL},
+    {"paused", T_BOOL, offsetof(FastConnectionObject, paused), 0, NULL},
+    {"write_paused", T_BOOL, offsetof(FastConnectionObject, write_paused), 0, NULL},
+    {"stopped", T_BOOL, offsetof(FastConnectionObject, stopped), 0, NULL},
+    {"closing", T_BOOL, offsetof(FastConnectionObject, closing), 0, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+#undef OBJ
+
+static PyTypeObject FastConnectionType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "tb_gateway._speedups.FastConnection",
+    .tp_basicsize = sizeof(FastConnectionObject),
+    .tp_dealloc = (destructor)fast_connection_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_traverse = (traverseproc)fast_connection_traverse,
+    .tp_clear = (inquiry)fast_connection_clear,
+    .tp_methods = fast_connection_methods,
+    .tp_members = fast_connection_members,
+    .tp_new = fast_connection_new,
+    .tp_doc = "The C base of http/connection.py's HttpConnection: the fast lane and its hot state",
+};
+
+static int
+http_lane_traverse(HttpLaneObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->server);
+    Py_VISIT(self->api);
+    Py_VISIT(self->routes);
+    Py_VISIT(self->http);
+    Py_VISIT(self->keep);
+    Py_VISIT(self->outcome_type);
+    Py_VISIT(self->delivered);
+    Py_VISIT(self->ticket_type);
+    Py_VISIT(self->when_settled);
+    Py_VISIT(self->responses);
+    Py_VISIT(self->ack_latency);
+    return 0;
+}
+
+static int
+http_lane_clear(HttpLaneObject *self)
+{
+    Py_CLEAR(self->server);
+    Py_CLEAR(self->api);
+    Py_CLEAR(self->routes);
+    Py_CLEAR(self->http);
+    Py_CLEAR(self->keep);
+    Py_CLEAR(self->outcome_type);
+    Py_CLEAR(self->delivered);
+    Py_CLEAR(self->ticket_type);
+    Py_CLEAR(self->when_settled);
+    Py_CLEAR(self->responses);
+    Py_CLEAR(self->ack_latency);
+    return 0;
+}
+
+static void
+http_lane_dealloc(HttpLaneObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    http_lane_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+http_lane_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    PyObject *server, *api, *http, *keep, *outcome_type, *delivered, *ticket_type, *when_settled, *responses,
+        *ack_latency;
+    Py_ssize_t max_head, max_routes;
+    if ((kwargs != NULL && PyDict_GET_SIZE(kwargs) != 0) ||
+        !PyArg_ParseTuple(args, "OOOOO!OO!OOOnn:HttpLane", &server, &api, &http, &keep, &PyType_Type, &outcome_type,
+                          &delivered, &PyType_Type, &ticket_type, &when_settled, &responses, &ack_latency,
+                          &max_head, &max_routes)) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "HttpLane takes positional arguments only");
+        }
+        return NULL;
+    }
+    HttpLaneObject *self = (HttpLaneObject *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->routes = PyDict_New();
+    if (self->routes == NULL) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    self->server = Py_NewRef(server);
+    self->api = Py_NewRef(api);
+    self->http = Py_NewRef(http);
+    self->keep = Py_NewRef(keep);
+    self->outcome_type = Py_NewRef(outcome_type);
+    self->delivered = Py_NewRef(delivered);
+    self->ticket_type = Py_NewRef(ticket_type);
+    self->when_settled = Py_NewRef(when_settled);
+    self->responses = Py_NewRef(responses);
+    self->ack_latency = Py_NewRef(ack_latency);
+    self->max_head = max_head;
+    self->max_routes = max_routes;
+    return (PyObject *)self;
+}
+
+static PyMemberDef http_lane_members[] = {
+    {"taken", T_PYSSIZET, offsetof(HttpLaneObject, taken), READONLY, "requests the fast lane took"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject HttpLaneType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "tb_gateway._speedups.HttpLane",
+    .tp_basicsize = sizeof(HttpLaneObject),
+    .tp_dealloc = (destructor)http_lane_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_traverse = (traverseproc)http_lane_traverse,
+    .tp_clear = (inquiry)http_lane_clear,
+    .tp_members = http_lane_members,
+    .tp_new = http_lane_new,
+    .tp_doc = "What the HTTP fast lane shares across an HttpServer's connections (http/server.py)",
+};
+
+/* run_settled(waiting, report): pipeline.py's loop over the settled tickets that have callbacks waiting (what
+ * settle_delivered returns): each done one's callbacks in the order they were registered, once; a callback
+ * that raises an Exception is reported with report(ticket, exc) and the others still run. */
+static PyObject *
+run_settled(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyList_CheckExact(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "run_settled(waiting: list, report)");
+        return NULL;
+    }
+    PyObject *waiting = args[0], *report = args[1];
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(waiting); i++) {
+        PyObject *ticket = Py_NewRef(PyList_GET_ITEM(waiting, i));
+        PyObject *then = PyObject_GetAttr(ticket, then_name);
+        PyObject *done = then == NULL || then == Py_None ? NULL : PyObject_CallMethodNoArgs(ticket, done_name_);
+        int failed = then == NULL || (then != Py_None && done == NULL);
+        if (done == Py_True) {
+            failed = PyObject_SetAttr(ticket, then_name, Py_None) < 0;
+            int many = PyList_Check(then);
+            for (Py_ssize_t k = 0; !failed && k < (many ? PyList_GET_SIZE(then) : 1); k++) {
+                PyObject *callback = Py_NewRef(many ? PyList_GET_ITEM(then, k) : then);
+                PyObject *result = PyObject_CallOneArg(callback, ticket);
+                Py_DECREF(callback);
+                if (result != NULL) {
+                    Py_DECREF(result);
+                    continue;
+                }
+                if (!PyErr_ExceptionMatches(PyExc_Exception)) {
+                    failed = 1; /* KeyboardInterrupt, SystemExit: not a transport's bug */
+                    break;
+                }
+                PyObject *type, *exc, *traceback;
+                PyErr_Fetch(&type, &exc, &traceback);
+                PyErr_NormalizeException(&type, &exc, &traceback);
+                if (exc != NULL && traceback != NULL) {
+                    PyException_SetTraceback(exc, traceback);
+                }
+                PyObject *reported = exc == NULL ? NULL : PyObject_CallFunctionObjArgs(report, ticket, exc, NULL);
+                Py_XDECREF(type);
+                Py_XDECREF(exc);
+                Py_XDECREF(traceback);
+                failed = reported == NULL;
+                Py_XDECREF(reported);
+            }
+        }
+        Py_XDECREF(done);
+        Py_XDECREF(then);
+        Py_DECREF(ticket);
+        if (failed) {
+            return NULL;
+        }
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef lane_functions[] = {
+    {"run_settled", (PyCFunction)(void (*)(void))run_settled, METH_FASTCALL,
+     "run_settled(waiting, report): run the callbacks of the settled tickets, in order"},
+    {NULL, NULL, 0, NULL},
+};
+
+int
+lanes_init(PyObject *module)
+{
+    struct {
+        PyObject **name;
+        const char *text;
+    } names[] = {
+        {&limiter_name, "limiter"},       {&downlink_name, "downlink"},       {&states_name, "_states"},
+        {&id_name, "id"},                 {&active_name, "active"},           {&last_activity_name, "last_activity"},
+        {&activity_name, "activity"},     {&value_name, "value"},             {&pipeline_name, "pipeline"},
+        {&closing_name, "_closing"},      {&queue_name, "_queue"},            {&tickets_name, "_tickets"},
+        {&max_queue_name, "_max_queue"},  {&event_loop_name, "_event_loop"}, {&deliver_then_name, "_deliver_then"},
+        {&kick_due_name, "_kick_due"},    {&kick_name, "_kick_next_pass"},    {&append_name, "append"},
+        {&pending_name, "pending"},       {&outcome_name, "outcome"},         {&then_name, "then"},
+        {&activity_seen_name, "activity_seen"}, {&now_ms_name, "now_ms"},
+        {&pipeline_name_, "pipeline"},    {&poll_name, "poll"},               {&known_device_name, "known_device"},
+        {&post_name, "post"},             {&draining_name, "draining"},       {&route_name, "route"},
+        {&persist_name, "persist"},       {&device_attr_name, "device"},      {&done_at_name, "done_at"},
+        {&fatal_name, "fatal"},           {&popleft_name_, "popleft"},        {&write_name, "write"},
+        {&is_closing_name, "is_closing"}, {&time_name, "time"},               {&table_name, "table"},
+        {&observe_name, "observe"},       {&cancelled_name, "cancelled"},     {&result_name_, "result"},
+        {&done_name_, "done"},            {&read_name, "_read"},              {&fast_failed_name, "_fast_failed"},
+        {&fast_answered_name, "_fast_answered"}, {&fast_resume_name, "_fast_resume"},
+        {&fast_settled_name, "_fast_settled"}, {&then_name_, "then"},        {&max_payload_name, "max_payload"},
+        {&idle_timeout_name, "idle_timeout"},
+    };
+    for (size_t i = 0; i < sizeof names / sizeof *names; i++) {
+        *names[i].name = PyUnicode_InternFromString(names[i].text);
+        if (*names[i].name == NULL) {
+            return -1;
+        }
+    }
+    one = PyLong_FromLong(1);
+    status_200 = PyLong_FromLong(200);
+    post_method = PyBytes_FromString("POST");
+    loop_kwnames = Py_BuildValue("(s)", "loop");
+    if (one == NULL || status_200 == NULL || post_method == NULL || loop_kwnames == NULL ||
+        PyType_Ready(&IngestType) < 0 || PyType_Ready(&HttpLaneType) < 0 || PyType_Ready(&FastConnectionType) < 0) {
+        return -1;
+    }
+    if (PyModule_AddObjectRef(module, "Ingest", (PyObject *)&IngestType) < 0 ||
+        PyModule_AddObjectRef(module, "HttpLane", (PyObject *)&HttpLaneType) < 0) {
+        return -1;
+    }
+    if (PyModule_AddFunctions(module, lane_functions) < 0) {
+        return -1;
+    }
+    return PyModule_AddObjectRef(module, "FastConnection", (PyObject *)&FastConnectionType);
+}
