@@ -253,3 +253,43 @@ def test_without_the_c_extension_the_python_paths_serve(tmp_path: Path) -> None:
         timeout=60,
     )
     assert done.returncode == 0 and done.stdout.strip() == "served", done.stderr
+
+
+def test_the_http_lane_counts_each_answer_in_the_latency_histogram(tmp_path: Path) -> None:
+    """The 200s the lane writes itself are observed as the general path observes its own (buckets, count,
+    sum), in C."""
+    from tests.http_support import Raw, request, serving
+
+    async def main() -> None:
+        async with serving(tmp_path, tokens={"T1": "dev1"}) as gw:
+            raw = await Raw.connect(gw.port)
+            for n in range(20):
+                await raw.send(request("POST", "/api/v1/T1/telemetry", b'{"n": %d}' % n))
+                assert (await raw.response())[0] == 200
+            await raw.close()
+            assert gw.server.lane is not None and gw.server.lane.taken == 19  # the first filled the auth cache
+            child = gw.api.metrics.ack_latency.labels(transport="http")
+            assert child.count == 20 and sum(child.buckets) == 20
+            assert 0 < child.sum < 20 * 5.0
+            below = [sum(child.buckets[: i + 1]) for i in range(len(child.buckets))]
+            assert below[-1] == 20 and below == sorted(below)
+
+    asyncio.run(main())
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.one_of(st.floats(0, 20, allow_nan=False), st.sampled_from([0.0005, 0.001, 0.5, 10.0, 10.5])), max_size=30
+    )
+)
+def test_the_lanes_observe_a_latency_as_the_histogram_child_does(values: list[float]) -> None:
+    from tb_gateway.fastmetrics import HistogramChild
+    from tb_gateway.metrics import LATENCY_BUCKETS
+
+    bounds = sorted(LATENCY_BUCKETS)
+    in_c, in_python = HistogramChild(bounds), HistogramChild(bounds)
+    for value in values:
+        _speedups.observe(in_c, value)
+        in_python.observe(value)
+    assert (in_c.buckets, in_c.count, in_c.sum) == (in_python.buckets, in_python.count, in_python.sum)

@@ -1,5 +1,6 @@
 /* Whole per-message paths in C, for the common case only (built with _speedups.c into one module): Ingest
- * (DeviceApi.post), the HTTP fast lane (FastConnection, HttpLane) and run_settled (pipeline.py's waiters).
+ * (DeviceApi.post), the HTTP fast lane (FastConnection, HttpLane), the CoAP lane (CoapLane, CoapAnswer) and
+ * run_settled (pipeline.py's waiters).
  *
  * Ingest: device_api.DeviceApi.post for a telemetry message that parses with orjson into one group, with no
  * rate limit configured: count it, mark the device active, build its Record and admit it to the pipeline,
@@ -18,7 +19,8 @@
 static PyObject *limiter_name, *downlink_name, *states_name, *id_name, *active_name, *last_activity_name,
     *activity_name, *value_name, *pipeline_name, *closing_name, *queue_name, *tickets_name, *max_queue_name,
     *event_loop_name, *deliver_then_name, *kick_due_name, *kick_name, *append_name, *pending_name,
-    *outcome_name, *then_name, *activity_seen_name, *now_ms_name, *loop_kwnames, *one;
+    *outcome_name, *then_name, *activity_seen_name, *now_ms_name, *loop_kwnames;
+static PyObject *one;
 
 typedef struct {
     PyObject_HEAD
@@ -361,6 +363,146 @@ static PyTypeObject IngestType = {
 };
 
 /* ------------------------------------------------------------------------------------------------------------
+ * Both lanes ask the auth cache (DeviceApi.known_device, which is AuthService.cached_identity) once per
+ * request. When it is that method, with no address blocklist and the monotonic clock, the lookup is done
+ * here, with the credentials' hash kept in the lane's route cache: the credentials are a frozen dataclass,
+ * whose __hash__ (and __eq__, for another object with the same token) are Python frames.
+ */
+
+static PyObject *monotonic_fn; /* time.monotonic: the auth cache's clock, read here as CLOCK_MONOTONIC */
+static PyObject *blocklist_name, *clock_name, *cache_name, *identity_name, *expires_at_name;
+static PyObject *known_device_name; /* (also the HTTP lane's) */
+
+static double monotonic_s(void);
+
+static PyObject *bounds_name, *buckets_name, *count_name, *sum_name;
+static PyObject *observe_name; /* (also the HTTP lane's) */
+static PyObject *one;
+
+/* child.observe(value) for the ack latency: fastmetrics.HistogramChild.observe in C (its bucket by
+ * bisect_left over _bounds, count and sum), any other histogram child by calling it */
+static int
+observe_seconds(PyObject *child, double value)
+{
+    PyObject *bounds = NULL, *buckets = NULL, *count = NULL, *sum = NULL, *fresh = NULL;
+    int rc = -1;
+    if (_PyObject_LookupAttr(child, bounds_name, &bounds) < 0 ||
+        (bounds != NULL && _PyObject_LookupAttr(child, buckets_name, &buckets) < 0)) {
+        goto done;
+    }
+    if (bounds == NULL || buckets == NULL || !PyList_CheckExact(bounds) || !PyList_CheckExact(buckets) ||
+        PyList_GET_SIZE(buckets) != PyList_GET_SIZE(bounds) + 1) {
+        PyObject *seconds = PyFloat_FromDouble(value);
+        PyObject *none = seconds == NULL ? NULL : PyObject_CallMethodOneArg(child, observe_name, seconds);
+        rc = none == NULL ? -1 : 0;
+        Py_XDECREF(seconds);
+        Py_XDECREF(none);
+        goto done;
+    }
+    Py_ssize_t lo = 0, hi = PyList_GET_SIZE(bounds);
+    while (lo < hi) {
+        Py_ssize_t mid = (lo + hi) / 2;
+        double bound = PyFloat_AsDouble(PyList_GET_ITEM(bounds, mid));
+        if (bound == -1.0 && PyErr_Occurred()) {
+            goto done;
+        }
+        if (bound < value) {
+            lo = mid + 1;
+        }
+        else {
+            hi = mid;
+        }
+    }
+    fresh = PyNumber_Add(PyList_GET_ITEM(buckets, lo), one);
+    if (fresh == NULL) {
+        goto done;
+    }
+    PyList_SetItem(buckets, lo, fresh); /* steals it */
+    count = PyObject_GetAttr(child, count_name);
+    PyObject *counted = count == NULL ? NULL : PyNumber_Add(count, one);
+    int failed = counted == NULL || PyObject_SetAttr(child, count_name, counted) < 0;
+    Py_XDECREF(counted);
+    sum = failed ? NULL : PyObject_GetAttr(child, sum_name);
+    double total = sum == NULL ? 0.0 : PyFloat_AsDouble(sum);
+    PyObject *summed = sum == NULL || PyErr_Occurred() ? NULL : PyFloat_FromDouble(total + value);
+    rc = summed == NULL || PyObject_SetAttr(child, sum_name, summed) < 0 ? -1 : 0;
+    Py_XDECREF(summed);
+done:
+    Py_XDECREF(bounds);
+    Py_XDECREF(buckets);
+    Py_XDECREF(count);
+    Py_XDECREF(sum);
+    return rc;
+}
+
+/* (credentials, kind, hash): a route cache's entry; the hash is None without credentials */
+static PyObject *
+route_entry(PyObject *credentials, PyObject *kind)
+{
+    if (credentials == Py_None) {
+        return PyTuple_Pack(3, credentials, kind, Py_None);
+    }
+    Py_hash_t hash = PyObject_Hash(credentials);
+    PyObject *number = hash == -1 ? NULL : PyLong_FromSsize_t(hash);
+    PyObject *entry = number == NULL ? NULL : PyTuple_Pack(3, credentials, kind, number);
+    Py_XDECREF(number);
+    return entry;
+}
+
+/* api.known_device(credentials, transport, address): the device, or None */
+static PyObject *
+lookup_device(PyObject *api, PyObject *usual, PyObject *credentials, PyObject *hash, PyObject *transport,
+              PyObject *address)
+{
+    PyObject *known = PyObject_GetAttr(api, known_device_name);
+    if (known == NULL) {
+        return NULL;
+    }
+    PyObject *auth = known == usual && PyMethod_Check(known) ? PyMethod_GET_SELF(known) : NULL;
+    PyObject *blocklist = auth == NULL ? NULL : PyObject_GetAttr(auth, blocklist_name);
+    PyObject *clock = blocklist == NULL ? NULL : PyObject_GetAttr(auth, clock_name);
+    PyObject *cache = clock == NULL ? NULL : PyObject_GetAttr(auth, cache_name);
+    PyObject *result = NULL;
+    if (PyErr_Occurred()) {
+        goto done;
+    }
+    if (cache != NULL && blocklist == Py_None && clock == monotonic_fn && PyDict_Check(cache) && PyLong_Check(hash)) {
+        Py_hash_t value = PyLong_AsSsize_t(hash);
+        PyObject *entry = value == -1 && PyErr_Occurred() ? NULL : _PyDict_GetItem_KnownHash(cache, credentials, value);
+        if (entry == NULL) {
+            result = PyErr_Occurred() ? NULL : Py_NewRef(Py_None);
+            goto done;
+        }
+        Py_INCREF(entry);
+        PyObject *identity = PyObject_GetAttr(entry, identity_name);
+        PyObject *expires = identity == NULL ? NULL : PyObject_GetAttr(entry, expires_at_name);
+        double at = expires == NULL ? 0.0 : PyFloat_AsDouble(expires);
+        Py_DECREF(entry);
+        Py_XDECREF(expires);
+        if (expires == NULL || PyErr_Occurred()) {
+            Py_XDECREF(identity);
+            goto done;
+        }
+        if (identity == Py_None || at <= monotonic_s()) {
+            Py_DECREF(identity);
+            result = Py_NewRef(Py_None);
+        }
+        else {
+            result = identity;
+        }
+        goto done;
+    }
+    PyObject *args[] = {credentials, transport, address};
+    result = PyObject_Vectorcall(known, args, 3, NULL);
+done:
+    Py_DECREF(known);
+    Py_XDECREF(blocklist);
+    Py_XDECREF(clock);
+    Py_XDECREF(cache);
+    return result;
+}
+
+/* ------------------------------------------------------------------------------------------------------------
  * The HTTP fast lane (http/connection.py, module docstring). FastConnection is the C base of HttpConnection:
  * its data_received takes a read that is exactly one simple POST of a device message from a device the auth
  * cache knows, on a connection with nothing else in progress, posts it, and _fast_settled writes the 200
@@ -384,6 +526,7 @@ typedef struct {
     PyObject *when_settled;
     PyObject *responses;   /* EmptyResponses: table[Persist.KEEP][200] is this second's 200 */
     PyObject *ack_latency; /* histogram child: observe(seconds) */
+    PyObject *known_device; /* api.known_device when the lane was made: AuthService.cached_identity */
     Py_ssize_t max_head, max_routes;
     Py_ssize_t taken; /* requests the fast lane took (tests/test_http_fast.py tells the two paths apart by it) */
 } HttpLaneObject;
@@ -444,7 +587,7 @@ post_route(HttpLaneObject *lane, PyObject *target)
         PyErr_SetString(PyExc_TypeError, "HttpServer.route: expected a 5-tuple");
         return NULL;
     }
-    found = PyTuple_Pack(2, PyTuple_GET_ITEM(route, 1), PyTuple_GET_ITEM(route, 4));
+    found = route_entry(PyTuple_GET_ITEM(route, 1), PyTuple_GET_ITEM(route, 4));
     Py_DECREF(route);
     if (found == NULL) {
         return NULL;
@@ -516,6 +659,7 @@ fast_read(FastConnectionObject *self, HttpLaneObject *lane, PyObject *data)
         return -1;
     }
     PyObject *credentials = PyTuple_GET_ITEM(route, 0), *kind = PyTuple_GET_ITEM(route, 1);
+    PyObject *hash = PyTuple_GET_ITEM(route, 2);
     PyObject *device = NULL, *body = NULL, *result = NULL, *post = NULL, *none = NULL, *at = NULL;
     PyObject *request = Py_NewRef(self->fast);
     int rc = -1;
@@ -536,8 +680,8 @@ fast_read(FastConnectionObject *self, HttpLaneObject *lane, PyObject *data)
         rc = drain < 0 ? -1 : 0;
         goto done;
     }
-    PyObject *args[] = {lane->api, credentials, lane->http, self->address != NULL ? self->address : Py_None};
-    device = PyObject_VectorcallMethod(known_device_name, args, 4 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    device = lookup_device(lane->api, lane->known_device, credentials, hash, lane->http,
+                           self->address != NULL ? self->address : Py_None);
     if (device == NULL || device == Py_None) {
         rc = device == NULL ? -1 : 0;
         goto done;
@@ -678,9 +822,10 @@ fast_settled(FastConnectionObject *self, PyObject *future)
     self->busy = 0;
     at = PyObject_GetAttr(request, done_at_name);
     double done_at = at == NULL ? -1.0 : PyFloat_AsDouble(at);
-    latency = PyErr_Occurred() ? NULL : PyFloat_FromDouble(monotonic_s() - done_at);
-    none = latency == NULL ? NULL : PyObject_CallMethodOneArg(lane->ack_latency, observe_name, latency);
-    table = none == NULL ? NULL : PyObject_GetAttr(lane->responses, table_name);
+    if (PyErr_Occurred() || observe_seconds(lane->ack_latency, monotonic_s() - done_at) < 0) {
+        goto done;
+    }
+    table = PyObject_GetAttr(lane->responses, table_name);
     if (table == NULL) {
         goto done;
     }
@@ -692,7 +837,6 @@ fast_settled(FastConnectionObject *self, PyObject *future)
         }
         goto done;
     }
-    Py_DECREF(none);
     none = PyObject_CallMethodOneArg(transport, write_name, ok);
     popped = none == NULL ? NULL : PyObject_CallMethodNoArgs(self->queue, popleft_name_);
     now = popped == NULL ? NULL : PyObject_CallMethodNoArgs(self->loop, time_name);
@@ -824,6 +968,7 @@ http_lane_traverse(HttpLaneObject *self, visitproc visit, void *arg)
     Py_VISIT(self->when_settled);
     Py_VISIT(self->responses);
     Py_VISIT(self->ack_latency);
+    Py_VISIT(self->known_device);
     return 0;
 }
 
@@ -841,6 +986,7 @@ http_lane_clear(HttpLaneObject *self)
     Py_CLEAR(self->when_settled);
     Py_CLEAR(self->responses);
     Py_CLEAR(self->ack_latency);
+    Py_CLEAR(self->known_device);
     return 0;
 }
 
@@ -886,6 +1032,11 @@ http_lane_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     self->when_settled = Py_NewRef(when_settled);
     self->responses = Py_NewRef(responses);
     self->ack_latency = Py_NewRef(ack_latency);
+    self->known_device = PyObject_GetAttr(api, known_device_name);
+    if (self->known_device == NULL) {
+        Py_DECREF(self);
+        return NULL;
+    }
     self->max_head = max_head;
     self->max_routes = max_routes;
     return (PyObject *)self;
@@ -907,6 +1058,739 @@ static PyTypeObject HttpLaneType = {
     .tp_members = http_lane_members,
     .tp_new = http_lane_new,
     .tp_doc = "What the HTTP fast lane shares across an HttpServer's connections (http/server.py)",
+};
+
+/* ------------------------------------------------------------------------------------------------------------
+ * The CoAP lane (coap/server.py): CoapLane.receive(datagrams, now) is the loop of CoapServer.datagrams_received
+ * over Endpoint.receive_datagram and the routes. A POST (CON or NON) with only Uri-Path and Content-Format
+ * options that is not a duplicate goes through the endpoint's intake (de-duplication entry, piggyback
+ * deadline) and the server's (pending count, route, auth cache, DeviceApi.post) here; its answer, once
+ * delivered and still due piggybacked, is CoapAnswer: the 2.01 in the ACK, the reply kept for duplicates.
+ * Everything else goes to the Python methods where the Python path would be at that point: _receive_one
+ * (the datagram), _on_request (the request, once the endpoint took it), _posted, _post_failed, _delivered.
+ */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *server, *endpoint, *api;
+    PyObject *make_exchange;    /* coap/server.py's _EXCHANGE: an Exchange from its slots */
+    PyObject *request_received; /* endpoint.request_received(exchange): the event */
+    PyObject *routes;           /* {options: (credentials, kind) | None}: a cache of CoapServer._post_route */
+    PyObject *pending_state, *answered_state, *coap, *delivered, *ticket_type, *when_settled;
+    PyObject *exchange_lifetime, *non_lifetime; /* the endpoint's config: the de-duplication lifetimes */
+    PyObject *known_device;                     /* api.known_device when the lane was made */
+    double piggyback_timeout;
+    Py_ssize_t max_routes;
+} CoapLaneObject;
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *lane, *exchange, *device;
+} CoapAnswerObject;
+
+static PyObject *seen_name, *items_name, *queues_name, *queued_name, *cap_name, *put_name, *compact_name,
+    *piggyback_name, *outbox_name, *sweep_at_name, *sweep_name, *accepting_name, *pending_attr_name,
+    *max_pending_name, *max_payload_attr_name, *latency_name, *idle_name, *flush_scheduled_name, *loop_attr_name,
+    *receive_one_name, *on_request_name, *post_route_name, *posted_name, *post_failed_name, *delivered_name,
+    *schedule_flush_name, *state_name, *confirmable_name, *block1_name, *block2_name, *observation_name,
+    *received_at_name_, *reply_name, *deadline_name, *set_name, *config_name, *exchange_lifetime_name,
+    *non_lifetime_name, *piggyback_timeout_name, *result_name_c, *cancelled_name_c, *addr_name_c, *mid_name_c,
+    *token_name_c;
+
+static PyObject *coap_answer_call(PyObject *callable, PyObject *const *args, size_t nargsf, PyObject *kwnames);
+
+static PyTypeObject CoapAnswerType;
+
+static Py_ssize_t
+attr_ssize(PyObject *obj, PyObject *name)
+{
+    PyObject *value = PyObject_GetAttr(obj, name);
+    Py_ssize_t n = value == NULL ? -1 : PyLong_AsSsize_t(value);
+    Py_XDECREF(value);
+    return n;
+}
+
+static int
+set_ssize(PyObject *obj, PyObject *name, Py_ssize_t n)
+{
+    PyObject *value = PyLong_FromSsize_t(n);
+    int rc = value == NULL ? -1 : PyObject_SetAttr(obj, name, value);
+    Py_XDECREF(value);
+    return rc;
+}
+
+static int
+call_method_none(PyObject *obj, PyObject *name, PyObject *const *args, size_t nargs)
+{
+    PyObject *stack[5] = {obj};
+    for (size_t i = 0; i < nargs && i < 4; i++) {
+        stack[i + 1] = args[i];
+    }
+    PyObject *none = PyObject_VectorcallMethod(name, stack, (nargs + 1) | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    Py_XDECREF(none);
+    return none == NULL ? -1 : 0;
+}
+
+/* Is a queue's (expires_at, key) entry the live one of that key? 1, 0, or -1 on error (ExpiringMap._live) */
+static int
+seen_live(PyObject *items, PyObject *queued)
+{
+    if (!PyTuple_Check(queued) || PyTuple_GET_SIZE(queued) != 2) {
+        PyErr_SetString(PyExc_TypeError, "ExpiringMap: a malformed queue entry");
+        return -1;
+    }
+    PyObject *entry = PyDict_GetItemWithError(items, PyTuple_GET_ITEM(queued, 1));
+    if (entry == NULL) {
+        return PyErr_Occurred() ? -1 : 0;
+    }
+    return PyObject_RichCompareBool(PyTuple_GET_ITEM(entry, 0), PyTuple_GET_ITEM(queued, 0), Py_EQ);
+}
+
+/* ExpiringMap._drop_first: the entry that expires first goes (the map is at its cap). The number of queue
+ * entries removed, or -1 on error. */
+static Py_ssize_t
+seen_drop_first(PyObject *items, PyObject *queues)
+{
+    Py_ssize_t removed = 0, pos = 0;
+    PyObject *lifetime, *queue, *first = NULL, *first_head = NULL;
+    while (PyDict_Next(queues, &pos, &lifetime, &queue)) {
+        PyObject *head = NULL;
+        for (;;) {
+            if (PyObject_Length(queue) <= 0) {
+                break;
+            }
+            head = PySequence_GetItem(queue, 0);
+            int live = head == NULL ? -1 : seen_live(items, head);
+            if (live != 0) {
+                if (live < 0) {
+                    Py_XDECREF(head);
+                    Py_XDECREF(first_head);
+                    return -1;
+                }
+                break;
+            }
+            Py_CLEAR(head);
+            PyObject *gone = PyObject_CallMethodNoArgs(queue, popleft_name_);
+            if (gone == NULL) {
+                Py_XDECREF(first_head);
+                return -1;
+            }
+            Py_DECREF(gone);
+            removed++;
+        }
+        if (head == NULL) {
+            continue;
+        }
+        int earlier = first_head == NULL ? 1
+                                         : PyObject_RichCompareBool(PyTuple_GET_ITEM(head, 0),
+                                                                    PyTuple_GET_ITEM(first_head, 0), Py_LT);
+        if (earlier < 0) {
+            Py_DECREF(head);
+            Py_XDECREF(first_head);
+            return -1;
+        }
+        if (earlier) {
+            Py_XSETREF(first_head, head);
+            first = queue;
+        }
+        else {
+            Py_DECREF(head);
+        }
+    }
+    if (first != NULL) {
+        PyObject *gone = PyObject_CallMethodNoArgs(first, popleft_name_);
+        int rc = gone == NULL ? -1 : PyDict_DelItem(items, PyTuple_GET_ITEM(first_head, 1));
+        Py_XDECREF(gone);
+        if (rc < 0) {
+            Py_DECREF(first_head);
+            return -1;
+        }
+        removed++;
+    }
+    Py_XDECREF(first_head);
+    return removed;
+}
+
+/* ExpiringMap.put(key, value, now, lifetime) */
+static int
+seen_put(PyObject *seen, PyObject *key, PyObject *value, double now, PyObject *lifetime)
+{
+    PyObject *items = PyObject_GetAttr(seen, items_name);
+    PyObject *queues = items == NULL ? NULL : PyObject_GetAttr(seen, queues_name);
+    Py_ssize_t cap = queues == NULL ? -1 : attr_ssize(seen, cap_name);
+    PyObject *queue = cap < 0 || !PyDict_Check(queues) ? NULL : PyDict_GetItemWithError(queues, lifetime);
+    int rc = -1;
+    if (PyErr_Occurred() || items == NULL || !PyDict_Check(items)) {
+        goto done;
+    }
+    if (queue == NULL) { /* the first entry of this lifetime: the Python code makes its queue */
+        PyObject *now_obj = PyFloat_FromDouble(now);
+        PyObject *args[] = {key, value, now_obj, lifetime};
+        rc = now_obj == NULL ? -1 : call_method_none(seen, put_name, args, 4);
+        Py_XDECREF(now_obj);
+        goto done;
+    }
+    Py_INCREF(queue);
+    Py_ssize_t count = attr_ssize(seen, queued_name), dropped = 0;
+    if (count >= 0 && PyDict_GET_SIZE(items) >= cap) { /* at the cap (the key is new): the first to expire goes */
+        dropped = seen_drop_first(items, queues);
+    }
+    PyObject *expires = dropped < 0 || count < 0 ? NULL : PyFloat_FromDouble(now + PyFloat_AsDouble(lifetime));
+    PyObject *entry = expires == NULL ? NULL : PyTuple_Pack(2, expires, value);
+    PyObject *queued = entry == NULL ? NULL : PyTuple_Pack(2, expires, key);
+    PyObject *none = queued == NULL || PyDict_SetItem(items, key, entry) < 0
+                         ? NULL
+                         : PyObject_CallMethodOneArg(queue, append_name, queued);
+    count = none == NULL ? -1 : count - dropped + 1;
+    if (count >= 0 && set_ssize(seen, queued_name, count) == 0) {
+        rc = count > 2 * cap ? call_method_none(seen, compact_name, NULL, 0) : 0;
+    }
+    Py_XDECREF(none);
+    Py_XDECREF(queued);
+    Py_XDECREF(entry);
+    Py_XDECREF(expires);
+    Py_DECREF(queue);
+done:
+    Py_XDECREF(items);
+    Py_XDECREF(queues);
+    return rc;
+}
+
+/* ExpiringMap.replace(key, old, new) */
+static int
+seen_replace(PyObject *seen, PyObject *key, PyObject *old, PyObject *new)
+{
+    PyObject *items = PyObject_GetAttr(seen, items_name);
+    if (items == NULL || !PyDict_Check(items)) {
+        Py_XDECREF(items);
+        return -1;
+    }
+    PyObject *entry = PyDict_GetItemWithError(items, key);
+    int rc = PyErr_Occurred() ? -1 : 0;
+    if (entry != NULL && PyTuple_Check(entry) && PyTuple_GET_SIZE(entry) == 2 && PyTuple_GET_ITEM(entry, 1) == old) {
+        PyObject *fresh = PyTuple_Pack(2, PyTuple_GET_ITEM(entry, 0), new);
+        rc = fresh == NULL ? -1 : PyDict_SetItem(items, key, fresh);
+        Py_XDECREF(fresh);
+    }
+    Py_DECREF(items);
+    return rc;
+}
+
+/* The request's credentials and kind when it is a device-message POST, NULL without an error when not */
+static PyObject *
+coap_route(CoapLaneObject *lane, PyObject *options, PyObject *exchange)
+{
+    PyObject *found = PyDict_GetItemWithError(lane->routes, options);
+    if (found == NULL) {
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+        PyObject *route = PyObject_CallMethodOneArg(lane->server, post_route_name, exchange);
+        if (route == NULL) {
+            return NULL;
+        }
+        found = route != Py_None && PyTuple_Check(route) && PyTuple_GET_SIZE(route) == 2
+                    ? route_entry(PyTuple_GET_ITEM(route, 0), PyTuple_GET_ITEM(route, 1))
+                    : Py_NewRef(Py_None);
+        Py_DECREF(route);
+        if (found == NULL) {
+            return NULL;
+        }
+        if (PyDict_GET_SIZE(lane->routes) >= lane->max_routes) {
+            PyDict_Clear(lane->routes);
+        }
+        int rc = PyDict_SetItem(lane->routes, options, found);
+        Py_DECREF(found); /* the dict holds it */
+        if (rc < 0) {
+            return NULL;
+        }
+    }
+    return found == Py_None ? NULL : found; /* borrowed */
+}
+
+/* The server's part of a request the endpoint took: 0 done, 1 hand to _on_request, -1 error */
+static int
+coap_serve(CoapLaneObject *lane, PyObject *exchange, PyObject *addr, PyObject *options, PyObject *payload)
+{
+    PyObject *server = lane->server;
+    int accepting = attr_is_true(server, accepting_name);
+    Py_ssize_t pending = accepting == 1 ? attr_ssize(server, pending_attr_name) : -1;
+    Py_ssize_t max_pending = pending >= 0 ? attr_ssize(server, max_pending_name) : -1;
+    Py_ssize_t max_payload = max_pending >= 0 ? attr_ssize(server, max_payload_attr_name) : -1;
+    if (PyErr_Occurred()) {
+        return -1;
+    }
+    if (accepting != 1 || pending + 1 > max_pending || PyBytes_GET_SIZE(payload) > max_payload) {
+        return 1;
+    }
+    PyObject *route = coap_route(lane, options, exchange);
+    if (route == NULL || !PyTuple_Check(route) || PyTuple_GET_SIZE(route) != 3) {
+        return PyErr_Occurred() ? -1 : 1;
+    }
+    Py_INCREF(route);
+    PyObject *credentials = PyTuple_GET_ITEM(route, 0), *kind = PyTuple_GET_ITEM(route, 1);
+    PyObject *host = PyTuple_Check(addr) && PyTuple_GET_SIZE(addr) > 0 ? PyTuple_GET_ITEM(addr, 0) : Py_None;
+    PyObject *device = lookup_device(lane->api, lane->known_device, credentials, PyTuple_GET_ITEM(route, 2), lane->coap, host);
+    PyObject *post = NULL, *result = NULL;
+    int rc = device == NULL ? -1 : device == Py_None ? 1 : 0;
+    if (rc != 0 || set_ssize(server, pending_attr_name, pending + 1) < 0 ||
+        (post = PyObject_GetAttr(lane->api, post_name)) == NULL) {
+        rc = rc ? rc : -1;
+        goto done;
+    }
+    PyObject *post_args[] = {device, kind, payload, lane->coap};
+    result = PyObject_Vectorcall(post, post_args, 4, NULL);
+    if (result == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_Exception)) {
+            rc = -1;
+            goto done;
+        }
+        PyObject *type, *exc, *traceback;
+        PyErr_Fetch(&type, &exc, &traceback);
+        PyErr_NormalizeException(&type, &exc, &traceback);
+        if (exc != NULL && traceback != NULL) {
+            PyException_SetTraceback(exc, traceback);
+        }
+        PyObject *failed_args[] = {exchange, exc};
+        rc = exc == NULL ? -1 : call_method_none(server, post_failed_name, failed_args, 2);
+        Py_XDECREF(type);
+        Py_XDECREF(exc);
+        Py_XDECREF(traceback);
+        goto done;
+    }
+    if (!Py_IS_TYPE(result, (PyTypeObject *)lane->ticket_type)) { /* an Outcome: answered at once */
+        PyObject *posted_args[] = {exchange, device, result};
+        rc = call_method_none(server, posted_name, posted_args, 3);
+        goto done;
+    }
+    CoapAnswerObject *answer = PyObject_GC_New(CoapAnswerObject, &CoapAnswerType);
+    if (answer == NULL) {
+        rc = -1;
+        goto done;
+    }
+    answer->lane = Py_NewRef((PyObject *)lane);
+    answer->exchange = Py_NewRef(exchange);
+    answer->device = Py_NewRef(device);
+    answer->vectorcall = coap_answer_call;
+    PyObject_GC_Track(answer);
+    PyObject *then = PyObject_GetAttr(result, then_name);
+    PyObject *done_now = then == Py_None ? PyObject_CallMethodNoArgs(result, done_name_) : NULL;
+    if (then != NULL && then == Py_None && done_now == Py_False) {
+        rc = PyObject_SetAttr(result, then_name, (PyObject *)answer);
+    }
+    else if (then != NULL && (then != Py_None || done_now != NULL)) { /* pipeline.when_settled's other cases */
+        PyObject *none = PyObject_CallFunctionObjArgs(lane->when_settled, result, (PyObject *)answer, NULL);
+        rc = none == NULL ? -1 : 0;
+        Py_XDECREF(none);
+    }
+    else {
+        rc = -1;
+    }
+    Py_XDECREF(then);
+    Py_XDECREF(done_now);
+    Py_DECREF(answer);
+done:
+    Py_DECREF(route);
+    Py_XDECREF(device);
+    Py_XDECREF(post);
+    Py_XDECREF(result);
+    return rc;
+}
+
+/* One datagram: 1 taken (served or handed on after the endpoint's intake), 0 not taken, -1 error */
+static int
+coap_take(CoapLaneObject *lane, PyObject *data, PyObject *addr, double now)
+{
+    if (!PyBytes_CheckExact(data)) {
+        return 0;
+    }
+    PyObject *fields = speedups_coap_decode(NULL, &data, 1);
+    if (fields == NULL || fields == Py_None) {
+        Py_XDECREF(fields);
+        return fields == NULL ? -1 : 0;
+    }
+    long type = PyLong_AsLong(PyTuple_GET_ITEM(fields, 0)), code = PyLong_AsLong(PyTuple_GET_ITEM(fields, 1));
+    PyObject *mid = PyTuple_GET_ITEM(fields, 2), *token = PyTuple_GET_ITEM(fields, 3);
+    PyObject *options = PyTuple_GET_ITEM(fields, 4), *payload = PyTuple_GET_ITEM(fields, 5);
+    int plain = (type == 0 || type == 1) && code == 2 && PyTuple_GET_SIZE(options) > 0; /* CON / NON POST */
+    int formats = 0;
+    for (Py_ssize_t i = 0; plain && i < PyTuple_GET_SIZE(options); i++) { /* Uri-Path, one Content-Format */
+        long number = PyLong_AsLong(PyTuple_GET_ITEM(PyTuple_GET_ITEM(options, i), 0));
+        formats += number == 12;
+        plain = (number == 11 || number == 12) && formats <= 1;
+    }
+    PyObject *key = plain ? PyTuple_Pack(2, addr, mid) : NULL;
+    PyObject *seen = key == NULL ? NULL : PyObject_GetAttr(lane->endpoint, seen_name);
+    PyObject *items = seen == NULL ? NULL : PyObject_GetAttr(seen, items_name);
+    PyObject *exchange = NULL, *piggyback = NULL;
+    int rc = -1;
+    if (items == NULL) {
+        rc = PyErr_Occurred() ? -1 : 0;
+        goto done;
+    }
+    int duplicate = PyDict_Check(items) ? PyDict_Contains(items, key) : -1;
+    if (duplicate != 0) {
+        rc = duplicate < 0 ? -1 : 0; /* a duplicate: the endpoint answers it (the reply kept, or nothing) */
+        goto done;
+    }
+    int con = type == 0;
+    PyObject *now_obj = PyFloat_FromDouble(now), *zero = PyFloat_FromDouble(0.0);
+    if (now_obj != NULL && zero != NULL) {
+        PyObject *args[] = {addr, mid, token, PyTuple_GET_ITEM(fields, 1), options, payload, con ? Py_True : Py_False,
+                            now_obj, lane->pending_state, zero, Py_None, Py_None, Py_None, Py_None};
+        exchange = PyObject_Vectorcall(lane->make_exchange, args, 14, NULL);
+    }
+    Py_XDECREF(now_obj);
+    Py_XDECREF(zero);
+    if (exchange == NULL || seen_put(seen, key, exchange, now, con ? lane->exchange_lifetime : lane->non_lifetime) < 0) {
+        goto done;
+    }
+    if (con) { /* the empty ACK is due at the deadline unless answered before (Endpoint.handle_timer) */
+        PyObject *deadline = PyFloat_FromDouble(now + lane->piggyback_timeout);
+        piggyback = deadline == NULL ? NULL : PyObject_GetAttr(lane->endpoint, piggyback_name);
+        PyObject *none = piggyback == NULL || PyObject_SetAttr(exchange, deadline_name, deadline) < 0
+                             ? NULL
+                             : PyObject_CallMethodOneArg(piggyback, append_name, exchange);
+        Py_XDECREF(deadline);
+        if (none == NULL) {
+            goto done;
+        }
+        Py_DECREF(none);
+    }
+    rc = coap_serve(lane, exchange, addr, options, payload);
+    if (rc == 1) { /* the request as the endpoint hands it over: the Python routes take it from here */
+        PyObject *event = PyObject_CallOneArg(lane->request_received, exchange);
+        rc = event == NULL ? -1 : call_method_none(lane->server, on_request_name, &event, 1);
+        Py_XDECREF(event);
+    }
+    rc = rc < 0 ? -1 : 1;
+done:
+    Py_DECREF(fields);
+    Py_XDECREF(key);
+    Py_XDECREF(seen);
+    Py_XDECREF(items);
+    Py_XDECREF(exchange);
+    Py_XDECREF(piggyback);
+    return rc;
+}
+
+/* CoapLane.receive(datagrams, now) */
+static PyObject *
+coap_lane_receive(CoapLaneObject *lane, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyList_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "receive(datagrams: list, now: float)");
+        return NULL;
+    }
+    PyObject *datagrams = args[0], *now_obj = args[1];
+    double now = PyFloat_AsDouble(now_obj);
+    PyObject *sweep_at = PyErr_Occurred() ? NULL : PyObject_GetAttr(lane->endpoint, sweep_at_name);
+    double due = sweep_at == NULL ? 0.0 : PyFloat_AsDouble(sweep_at);
+    Py_XDECREF(sweep_at);
+    if (sweep_at == NULL || PyErr_Occurred() || (now >= due && call_method_none(lane->endpoint, sweep_name, &now_obj, 1) < 0)) {
+        return NULL; /* the endpoint's expiry sweep, as receive_datagram runs it first */
+    }
+    Py_INCREF(lane);
+    Py_INCREF(datagrams);
+    int failed = 0;
+    for (Py_ssize_t i = 0; !failed && i < PyList_GET_SIZE(datagrams); i++) {
+        PyObject *pair = Py_NewRef(PyList_GET_ITEM(datagrams, i));
+        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
+            PyErr_SetString(PyExc_TypeError, "receive: expected (data, address) pairs");
+            failed = 1;
+        }
+        else {
+            PyObject *data = PyTuple_GET_ITEM(pair, 0), *addr = PyTuple_GET_ITEM(pair, 1);
+            int taken = coap_take(lane, data, addr, now);
+            PyObject *one_args[] = {data, addr, now_obj};
+            failed = taken < 0 || (taken == 0 && call_method_none(lane->server, receive_one_name, one_args, 3) < 0);
+        }
+        Py_DECREF(pair);
+    }
+    Py_DECREF(datagrams);
+    Py_DECREF(lane);
+    if (failed) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* The request's message is settled: a delivered one still due piggybacked is answered 2.01 here (what
+ * CoapServer._delivered -> _outcome -> _answer -> Endpoint.respond do then); anything else goes there. */
+static PyObject *
+coap_answer_call(PyObject *callable, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    CoapAnswerObject *self = (CoapAnswerObject *)callable;
+    if (PyVectorcall_NARGS(nargsf) != 1 || kwnames != NULL) {
+        PyErr_SetString(PyExc_TypeError, "CoapAnswer(future)");
+        return NULL;
+    }
+    CoapLaneObject *lane = (CoapLaneObject *)self->lane;
+    PyObject *future = args[0], *exchange = self->exchange, *server = lane->server;
+    PyObject *cancelled = PyObject_CallMethodNoArgs(future, cancelled_name_c);
+    PyObject *outcome = cancelled == Py_False ? PyObject_CallMethodNoArgs(future, result_name_c) : NULL;
+    int plain = outcome != NULL && outcome == lane->delivered;
+    Py_XDECREF(cancelled);
+    Py_XDECREF(outcome);
+    if (cancelled == NULL || (cancelled == Py_False && outcome == NULL)) {
+        return NULL;
+    }
+    if (plain) {
+        PyObject *state = PyObject_GetAttr(exchange, state_name);
+        int confirmable = attr_is_true(exchange, confirmable_name);
+        int unblocked = attr_is_none(exchange, block1_name) == 1 && attr_is_none(exchange, block2_name) == 1 &&
+                        attr_is_none(exchange, observation_name) == 1;
+        plain = state != NULL && PyObject_RichCompareBool(state, lane->pending_state, Py_EQ) == 1 &&
+                confirmable == 1 && unblocked;
+        Py_XDECREF(state);
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+    }
+    if (!plain) {
+        PyObject *delivered_args[] = {exchange, self->device, future};
+        return call_method_none(server, delivered_name, delivered_args, 3) < 0 ? NULL : Py_NewRef(Py_None);
+    }
+    PyObject *result = NULL, *loop = NULL, *now = NULL, *received = NULL, *latency = NULL, *reply = NULL,
+             *addr = NULL, *mid = NULL, *token = NULL, *key = NULL, *seen = NULL, *outbox = NULL, *out = NULL,
+             *idle = NULL;
+    Py_INCREF(self);
+    loop = PyObject_GetAttr(server, loop_attr_name);
+    now = loop == NULL ? NULL : PyObject_CallMethodNoArgs(loop, time_name);
+    received = now == NULL ? NULL : PyObject_GetAttr(exchange, received_at_name_);
+    latency = received == NULL ? NULL : PyNumber_Subtract(now, received);
+    PyObject *histogram = latency == NULL ? NULL : PyObject_GetAttr(server, latency_name);
+    double seconds = histogram == NULL ? 0.0 : PyFloat_AsDouble(latency);
+    int failed = histogram == NULL || PyErr_Occurred() || observe_seconds(histogram, seconds) < 0;
+    Py_XDECREF(histogram);
+    Py_ssize_t pending = failed ? -1 : attr_ssize(server, pending_attr_name);
+    if (pending < 0 || set_ssize(server, pending_attr_name, pending - 1) < 0) {
+        goto done;
+    }
+    if (pending - 1 == 0) { /* drain waits for the last answer */
+        idle = PyObject_GetAttr(server, idle_name);
+        if (idle == NULL || (idle != Py_None && call_method_none(idle, set_name, NULL, 0) < 0)) {
+            goto done;
+        }
+    }
+    addr = PyObject_GetAttr(exchange, addr_name_c);
+    mid = addr == NULL ? NULL : PyObject_GetAttr(exchange, mid_name_c);
+    token = mid == NULL ? NULL : PyObject_GetAttr(exchange, token_name_c);
+    long number = token == NULL ? -1 : PyLong_AsLong(mid);
+    if (token == NULL || !PyBytes_Check(token) || PyBytes_GET_SIZE(token) > 8 || number < 0 || number > 0xFFFF) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_ValueError, "CoapAnswer: a malformed exchange");
+        }
+        goto done;
+    }
+    Py_ssize_t tkl = PyBytes_GET_SIZE(token);
+    unsigned char header[4] = {(unsigned char)(0x60 | tkl), 65 /* 2.01 */, (unsigned char)(number >> 8), (unsigned char)number};
+    reply = PyBytes_FromStringAndSize(NULL, 4 + tkl);
+    if (reply == NULL) {
+        goto done;
+    }
+    memcpy(PyBytes_AS_STRING(reply), header, 4);
+    memcpy(PyBytes_AS_STRING(reply) + 4, PyBytes_AS_STRING(token), (size_t)tkl);
+    key = PyTuple_Pack(2, addr, mid);
+    seen = key == NULL ? NULL : PyObject_GetAttr(lane->endpoint, seen_name);
+    if (seen == NULL || PyObject_SetAttr(exchange, reply_name, reply) < 0 ||
+        PyObject_SetAttr(exchange, state_name, lane->answered_state) < 0 || seen_replace(seen, key, exchange, reply) < 0) {
+        goto done;
+    }
+    outbox = PyObject_GetAttr(lane->endpoint, outbox_name);
+    out = outbox == NULL ? NULL : PyTuple_Pack(2, reply, addr);
+    if (out == NULL || !PyList_Check(outbox) || PyList_Append(outbox, out) < 0) {
+        goto done;
+    }
+    int scheduled = attr_is_true(server, flush_scheduled_name);
+    if (scheduled < 0 || (scheduled == 0 && call_method_none(server, schedule_flush_name, NULL, 0) < 0)) {
+        goto done;
+    }
+    result = Py_NewRef(Py_None);
+done:
+    Py_XDECREF(loop);
+    Py_XDECREF(now);
+    Py_XDECREF(received);
+    Py_XDECREF(latency);
+    Py_XDECREF(reply);
+    Py_XDECREF(addr);
+    Py_XDECREF(mid);
+    Py_XDECREF(token);
+    Py_XDECREF(key);
+    Py_XDECREF(seen);
+    Py_XDECREF(outbox);
+    Py_XDECREF(out);
+    Py_XDECREF(idle);
+    Py_DECREF(self);
+    if (result == NULL && !PyErr_Occurred()) {
+        PyErr_SetString(PyExc_SystemError, "CoapAnswer: no answer");
+    }
+    return result;
+}
+
+static int
+coap_answer_traverse(CoapAnswerObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->lane);
+    Py_VISIT(self->exchange);
+    Py_VISIT(self->device);
+    return 0;
+}
+
+static int
+coap_answer_clear(CoapAnswerObject *self)
+{
+    Py_CLEAR(self->lane);
+    Py_CLEAR(self->exchange);
+    Py_CLEAR(self->device);
+    return 0;
+}
+
+static void
+coap_answer_dealloc(CoapAnswerObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    coap_answer_clear(self);
+    PyObject_GC_Del(self);
+}
+
+static PyTypeObject CoapAnswerType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "tb_gateway._speedups.CoapAnswer",
+    .tp_basicsize = sizeof(CoapAnswerObject),
+    .tp_dealloc = (destructor)coap_answer_dealloc,
+    .tp_vectorcall_offset = offsetof(CoapAnswerObject, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL | Py_TPFLAGS_HAVE_GC,
+    .tp_traverse = (traverseproc)coap_answer_traverse,
+    .tp_clear = (inquiry)coap_answer_clear,
+    .tp_doc = "A CoAP request's pipeline callback: its 2.01, or CoapServer._delivered (_lanes.c)",
+};
+
+static int
+coap_lane_traverse(CoapLaneObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->server);
+    Py_VISIT(self->endpoint);
+    Py_VISIT(self->api);
+    Py_VISIT(self->make_exchange);
+    Py_VISIT(self->request_received);
+    Py_VISIT(self->routes);
+    Py_VISIT(self->pending_state);
+    Py_VISIT(self->answered_state);
+    Py_VISIT(self->coap);
+    Py_VISIT(self->delivered);
+    Py_VISIT(self->ticket_type);
+    Py_VISIT(self->when_settled);
+    Py_VISIT(self->exchange_lifetime);
+    Py_VISIT(self->non_lifetime);
+    Py_VISIT(self->known_device);
+    return 0;
+}
+
+static int
+coap_lane_clear(CoapLaneObject *self)
+{
+    Py_CLEAR(self->server);
+    Py_CLEAR(self->endpoint);
+    Py_CLEAR(self->api);
+    Py_CLEAR(self->make_exchange);
+    Py_CLEAR(self->request_received);
+    Py_CLEAR(self->routes);
+    Py_CLEAR(self->pending_state);
+    Py_CLEAR(self->answered_state);
+    Py_CLEAR(self->coap);
+    Py_CLEAR(self->delivered);
+    Py_CLEAR(self->ticket_type);
+    Py_CLEAR(self->when_settled);
+    Py_CLEAR(self->exchange_lifetime);
+    Py_CLEAR(self->non_lifetime);
+    Py_CLEAR(self->known_device);
+    return 0;
+}
+
+static void
+coap_lane_dealloc(CoapLaneObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    coap_lane_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* CoapLane(server, endpoint, api, make_exchange, request_received, pending, answered, coap, delivered,
+ *          ticket_type, when_settled, max_routes) */
+static PyObject *
+coap_lane_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    PyObject *server, *endpoint, *api, *make_exchange, *request_received, *pending, *answered, *coap, *delivered,
+        *ticket_type, *when_settled;
+    Py_ssize_t max_routes;
+    if ((kwargs != NULL && PyDict_GET_SIZE(kwargs) != 0) ||
+        !PyArg_ParseTuple(args, "OOOOOOOOOO!On:CoapLane", &server, &endpoint, &api, &make_exchange,
+                          &request_received, &pending, &answered, &coap, &delivered, &PyType_Type, &ticket_type,
+                          &when_settled, &max_routes)) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "CoapLane takes positional arguments only");
+        }
+        return NULL;
+    }
+    PyObject *config = PyObject_GetAttr(endpoint, config_name);
+    PyObject *exchange_lifetime = config == NULL ? NULL : PyObject_GetAttr(config, exchange_lifetime_name);
+    PyObject *non_lifetime = exchange_lifetime == NULL ? NULL : PyObject_GetAttr(config, non_lifetime_name);
+    PyObject *piggyback = non_lifetime == NULL ? NULL : PyObject_GetAttr(config, piggyback_timeout_name);
+    double piggyback_timeout = piggyback == NULL ? 0.0 : PyFloat_AsDouble(piggyback);
+    Py_XDECREF(config);
+    Py_XDECREF(piggyback);
+    CoapLaneObject *self = PyErr_Occurred() || piggyback == NULL ? NULL : (CoapLaneObject *)type->tp_alloc(type, 0);
+    PyObject *routes = self == NULL ? NULL : PyDict_New();
+    if (routes == NULL) {
+        Py_XDECREF(exchange_lifetime);
+        Py_XDECREF(non_lifetime);
+        Py_XDECREF(self);
+        return NULL;
+    }
+    self->routes = routes;
+    self->exchange_lifetime = exchange_lifetime;
+    self->non_lifetime = non_lifetime;
+    self->piggyback_timeout = piggyback_timeout;
+    self->server = Py_NewRef(server);
+    self->endpoint = Py_NewRef(endpoint);
+    self->api = Py_NewRef(api);
+    self->make_exchange = Py_NewRef(make_exchange);
+    self->request_received = Py_NewRef(request_received);
+    self->pending_state = Py_NewRef(pending);
+    self->answered_state = Py_NewRef(answered);
+    self->coap = Py_NewRef(coap);
+    self->delivered = Py_NewRef(delivered);
+    self->ticket_type = Py_NewRef(ticket_type);
+    self->when_settled = Py_NewRef(when_settled);
+    self->max_routes = max_routes;
+    self->known_device = PyObject_GetAttr(api, known_device_name);
+    if (self->known_device == NULL) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    return (PyObject *)self;
+}
+
+static PyMethodDef coap_lane_methods[] = {
+    {"receive", (PyCFunction)(void (*)(void))coap_lane_receive, METH_FASTCALL,
+     "receive(datagrams, now): CoapServer.datagrams_received's loop, the common request in C"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject CoapLaneType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "tb_gateway._speedups.CoapLane",
+    .tp_basicsize = sizeof(CoapLaneObject),
+    .tp_dealloc = (destructor)coap_lane_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_traverse = (traverseproc)coap_lane_traverse,
+    .tp_clear = (inquiry)coap_lane_clear,
+    .tp_methods = coap_lane_methods,
+    .tp_new = coap_lane_new,
+    .tp_doc = "The CoAP server's common request in C (coap/server.py)",
 };
 
 /* run_settled(waiting, report): pipeline.py's loop over the settled tickets that have callbacks waiting (what
@@ -964,7 +1848,23 @@ run_settled(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+/* observe(child, seconds): what the lanes do for each answer's latency (tests/test_lanes.py compares) */
+static PyObject *
+observe(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    double seconds = nargs == 2 ? PyFloat_AsDouble(args[1]) : -1.0;
+    if (nargs != 2 || PyErr_Occurred()) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "observe(child, seconds: float)");
+        }
+        return NULL;
+    }
+    return observe_seconds(args[0], seconds) < 0 ? NULL : Py_NewRef(Py_None);
+}
+
 static PyMethodDef lane_functions[] = {
+    {"observe", (PyCFunction)(void (*)(void))observe, METH_FASTCALL,
+     "observe(child, seconds): a histogram child's observe, as the lanes do it"},
     {"run_settled", (PyCFunction)(void (*)(void))run_settled, METH_FASTCALL,
      "run_settled(waiting, report): run the callbacks of the settled tickets, in order"},
     {NULL, NULL, 0, NULL},
@@ -995,6 +1895,25 @@ lanes_init(PyObject *module)
         {&fast_answered_name, "_fast_answered"}, {&fast_resume_name, "_fast_resume"},
         {&fast_settled_name, "_fast_settled"}, {&then_name_, "then"},        {&max_payload_name, "max_payload"},
         {&idle_timeout_name, "idle_timeout"},
+        {&seen_name, "_seen"},            {&items_name, "_items"},            {&queues_name, "_queues"},
+        {&queued_name, "_queued"},        {&cap_name, "cap"},                 {&put_name, "put"},
+        {&compact_name, "_compact"},      {&piggyback_name, "_piggyback"},    {&outbox_name, "_outbox"},
+        {&sweep_at_name, "_sweep_at"},    {&sweep_name, "_sweep"},            {&accepting_name, "_accepting"},
+        {&pending_attr_name, "_pending"}, {&max_pending_name, "_max_pending"}, {&max_payload_attr_name, "_max_payload"},
+        {&latency_name, "_latency"},      {&idle_name, "_idle"},              {&flush_scheduled_name, "_flush_scheduled"},
+        {&loop_attr_name, "_loop"},       {&receive_one_name, "_receive_one"}, {&on_request_name, "_on_request"},
+        {&post_route_name, "_post_route"}, {&posted_name, "_posted"},         {&post_failed_name, "_post_failed"},
+        {&delivered_name, "_delivered"},  {&schedule_flush_name, "_schedule_flush"}, {&state_name, "state"},
+        {&confirmable_name, "confirmable"}, {&block1_name, "block1"},         {&block2_name, "block2"},
+        {&observation_name, "observation"}, {&received_at_name_, "received_at"}, {&reply_name, "reply"},
+        {&deadline_name, "deadline"},     {&set_name, "set"},                 {&config_name, "config"},
+        {&exchange_lifetime_name, "exchange_lifetime_s"}, {&non_lifetime_name, "non_lifetime_s"},
+        {&piggyback_timeout_name, "piggyback_timeout_s"}, {&result_name_c, "result"},
+        {&cancelled_name_c, "cancelled"}, {&addr_name_c, "addr"},             {&mid_name_c, "mid"},
+        {&token_name_c, "token"},         {&blocklist_name, "_blocklist"},    {&clock_name, "_clock"},
+        {&cache_name, "_cache"},          {&identity_name, "identity"},       {&expires_at_name, "expires_at"},
+        {&bounds_name, "_bounds"},        {&buckets_name, "buckets"},         {&count_name, "count"},
+        {&sum_name, "sum"},
     };
     for (size_t i = 0; i < sizeof names / sizeof *names; i++) {
         *names[i].name = PyUnicode_InternFromString(names[i].text);
@@ -1002,16 +1921,24 @@ lanes_init(PyObject *module)
             return -1;
         }
     }
+    PyObject *time_module = PyImport_ImportModule("time");
+    monotonic_fn = time_module == NULL ? NULL : PyObject_GetAttrString(time_module, "monotonic");
+    Py_XDECREF(time_module);
+    if (monotonic_fn == NULL) {
+        return -1;
+    }
     one = PyLong_FromLong(1);
     status_200 = PyLong_FromLong(200);
     post_method = PyBytes_FromString("POST");
     loop_kwnames = Py_BuildValue("(s)", "loop");
     if (one == NULL || status_200 == NULL || post_method == NULL || loop_kwnames == NULL ||
-        PyType_Ready(&IngestType) < 0 || PyType_Ready(&HttpLaneType) < 0 || PyType_Ready(&FastConnectionType) < 0) {
+        PyType_Ready(&IngestType) < 0 || PyType_Ready(&HttpLaneType) < 0 || PyType_Ready(&FastConnectionType) < 0 ||
+        PyType_Ready(&CoapLaneType) < 0 || PyType_Ready(&CoapAnswerType) < 0) {
         return -1;
     }
     if (PyModule_AddObjectRef(module, "Ingest", (PyObject *)&IngestType) < 0 ||
-        PyModule_AddObjectRef(module, "HttpLane", (PyObject *)&HttpLaneType) < 0) {
+        PyModule_AddObjectRef(module, "HttpLane", (PyObject *)&HttpLaneType) < 0 ||
+        PyModule_AddObjectRef(module, "CoapLane", (PyObject *)&CoapLaneType) < 0) {
         return -1;
     }
     if (PyModule_AddFunctions(module, lane_functions) < 0) {

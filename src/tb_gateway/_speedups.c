@@ -461,7 +461,7 @@ speedups_append_durably(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 
 /* coap_decode(data) -> (type, code, mid, token, options, payload), the fields of codec.Message, or None
  * for anything malformed: codec.decode() then parses it again and raises the error that says why. */
-static PyObject *
+PyObject *
 speedups_coap_decode(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 1 || !PyBytes_CheckExact(args[0])) {

@@ -12,6 +12,9 @@ int has_long_fraction(const char *data, Py_ssize_t size);
 /* one whole simple POST (http/connection.py's fast lane): target data[5:*target], body data[*body:] */
 int http_post_parse(const char *data, Py_ssize_t size, Py_ssize_t max_head, Py_ssize_t *target, Py_ssize_t *body);
 
+/* coap_decode(data) -> (type, code, mid, token, options, payload) | None (coap/codec.py's fast path) */
+PyObject *speedups_coap_decode(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+
 /* _lanes.c: adds its types to the module */
 int lanes_init(PyObject *module);
 

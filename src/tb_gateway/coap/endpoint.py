@@ -214,7 +214,7 @@ class ResponseTimedOut:
     exchange: Exchange
 
 
-_request_received = constructor(RequestReceived)  # one per request: RequestReceived(...) without its frame
+request_received = constructor(RequestReceived)  # one per request: RequestReceived(...) without its frame
 
 Event = (
     RequestReceived
@@ -351,7 +351,7 @@ class Endpoint:
         if con:
             exchange.deadline = now + cfg.piggyback_timeout_s
             self._piggyback.append(exchange)
-        events.append(_request_received(exchange))
+        events.append(request_received(exchange))
         return events
 
     def _refuse(self, exchange: Exchange, now: float, code: int, reason: str, options: Options = ()) -> list[Event]:

@@ -10,7 +10,9 @@ Speed: almost every request finds its token in the auth cache, which answers syn
 (``known_device``, ``authenticate_cached``), so the handler runs inline; only a cache miss, which has to
 await a credential source, runs in a Task (a real one: sources such as Redis use ``asyncio.timeout``, which
 needs the current task). The pipeline future is then followed with a done callback, not an awaiting task.
-That keeps the hot path free of task creation and scheduling.
+That keeps the hot path free of task creation and scheduling. With the C extension the common request's
+whole way (the endpoint's intake, the route, ``DeviceApi.post``, the piggybacked 2.01) is ``CoapLane``
+(``_lanes.c``); it hands everything else to the methods below at the point the Python path would be.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from tb_gateway.coap.codec import Code, ContentFormat, Option, Options, encode_u
 from tb_gateway.coap.downlink import CoapDownlink
 from tb_gateway.coap.endpoint import (
     ANSWERED,
+    PENDING,
     Endpoint,
     EndpointConfig,
     Event,
@@ -39,15 +42,21 @@ from tb_gateway.coap.endpoint import (
     RequestReceived,
     RequestRefused,
     ResponseTimedOut,
+    request_received,
 )
 from tb_gateway.coap.sockets import Datagrams, DatagramSocket, open_socket
 from tb_gateway.device_api import DeviceApi
 from tb_gateway.downlink.sessions import Feature
 from tb_gateway.errors import AddressBlocked, CredentialsUnavailable, PayloadError
-from tb_gateway.pipeline import when_settled
+from tb_gateway.pipeline import Ticket, when_settled
 from tb_gateway.ratelimit import NEVER_PASSES, ceil_seconds
 from tb_gateway.records import DeviceIdentity, RecordKind, Transport
 from tb_gateway.sinks.base import Outcome
+
+try:  # the common request's whole path in C (_lanes.c)
+    from tb_gateway._speedups import CoapLane, maker
+except ImportError:  # pragma: no cover - built without a C compiler: every request takes the Python path
+    CoapLane = maker = None  # type: ignore[misc,assignment]
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +77,25 @@ OUTCOME_CODES = {
 }
 
 Handler = Callable[["CoapServer", Exchange, DeviceIdentity], None]
+
+# Exchange(addr, msg, now) built by the C lane: its slots, filled in this order (test_coap_lane.py compares)
+EXCHANGE_FIELDS = (
+    "addr",
+    "mid",
+    "token",
+    "code",
+    "options",
+    "payload",
+    "confirmable",
+    "received_at",
+    "state",
+    "deadline",
+    "reply",
+    "block1",
+    "block2",
+    "observation",
+)
+_EXCHANGE = None if maker is None else maker(Exchange, EXCHANGE_FIELDS, ())
 
 
 class Refusal(NamedTuple):
@@ -118,6 +146,27 @@ class CoapServer:
         self._routes: dict[tuple[int, Options], tuple[Any, AccessToken | None]] = {}
         # Observe on rpc / attributes, RPC replies, client RPC (coap/downlink.py, docs/downlink.md)
         self.downlink = CoapDownlink(self, api.downlink) if api.downlink is not None else None
+        # the C lane (module docstring): a POST of a device message, not a duplicate, with only Uri-Path and
+        # Content-Format options, from a device the auth cache knows; it hands everything else to
+        # _receive_one, _on_request, _posted, _post_failed and _delivered
+        self._lane = (
+            None
+            if CoapLane is None
+            else CoapLane(
+                self,
+                self.endpoint,
+                api,
+                _EXCHANGE,
+                request_received,
+                PENDING,
+                ANSWERED,
+                COAP,
+                Outcome.DELIVERED,
+                Ticket,
+                when_settled,
+                ROUTE_CACHE,
+            )
+        )
         self._dispatch: dict[type, Callable[[Any], None]] = {
             RequestReceived: self._on_request,
             RequestRefused: self._refused,
@@ -169,13 +218,21 @@ class CoapServer:
         assert self._loop is not None
         self.api.pipeline.poll()  # answers whose batch is durable go out now, not at the end of this pass
         now = self._loop.time()
-        receive, dispatch = self.endpoint.receive_datagram, self._dispatch
-        for data, addr in datagrams:
-            for event in receive(data, addr, now):
-                dispatch[type(event)](event)
+        if self._lane is not None:
+            self._lane.receive(datagrams, now)  # the loop below, the common request taken in C
+        else:
+            receive, dispatch = self.endpoint.receive_datagram, self._dispatch
+            for data, addr in datagrams:
+                for event in receive(data, addr, now):
+                    dispatch[type(event)](event)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
+
+    def _receive_one(self, data: bytes, addr: Any, now: float) -> None:
+        """A datagram the C lane does not take: the endpoint's and the routes' Python path."""
+        for event in self.endpoint.receive_datagram(data, addr, now):
+            self._dispatch[type(event)](event)
 
     def _flush(self) -> None:
         """Send what the endpoint queued and re-arm the timer: once per loop iteration, however many
@@ -309,16 +366,37 @@ class CoapServer:
         except PayloadError as exc:
             self._answer(exchange, Code.BAD_REQUEST, str(exc).encode()[:256])
             return
+        if isinstance(admitted, Outcome):
+            self._posted(exchange, device, admitted)
+        else:
+            when_settled(admitted, partial(self._delivered, exchange, device))
+
+    def _post_route(self, exchange: Exchange) -> tuple[AccessToken, RecordKind] | None:
+        """For the C lane: the credentials and kind of a device-message POST, None for any other route."""
+        handler, credentials = _route(exchange)
+        kind = POSTS.get(handler)
+        return None if kind is None or credentials is None else (credentials, kind)
+
+    def _post_failed(self, exchange: Exchange, exc: Exception) -> None:
+        """For the C lane: posting raised (what ``post`` and ``_handle`` answer)."""
+        if isinstance(exc, PayloadError):  # already counted and logged
+            self._answer(exchange, Code.BAD_REQUEST, str(exc).encode()[:256])
+            return
+        log.error("CoAP request handler failed", exc_info=exc)
+        self.api.metrics.errors.labels(component="coap").inc()
+        if exchange.state != ANSWERED:
+            self._answer(exchange, Code.INTERNAL_SERVER_ERROR)
+
+    def _posted(self, exchange: Exchange, device: DeviceIdentity, admitted: Outcome) -> None:
+        """Answered at once: refused, or nothing to store."""
         if admitted is Outcome.RATE_LIMITED:  # RFC 8516 4.29, Max-Age = when the device may send this again
             wait = self.api.rate_limit_wait_s(device)
             if wait == math.inf:  # more data points than the limit allows at once: no wait helps (HTTP 413)
                 self._answer(exchange, Code.REQUEST_ENTITY_TOO_LARGE, NEVER_PASSES.encode())
             else:
                 self._answer(exchange, Code.TOO_MANY_REQUESTS, options=_max_age(wait))
-        elif isinstance(admitted, Outcome):
-            self._outcome(exchange, admitted)
         else:
-            when_settled(admitted, partial(self._delivered, exchange, device))
+            self._outcome(exchange, admitted)
 
     def _delivered(self, exchange: Exchange, device: DeviceIdentity, future: asyncio.Future[Outcome]) -> None:
         outcome = Outcome.SHUTTING_DOWN if future.cancelled() else future.result()
@@ -398,7 +476,14 @@ def _max_age(wait_s: float) -> Options:
 
 
 def _post(kind: RecordKind) -> Handler:
-    return lambda server, exchange, device: server.post(exchange, device, kind)
+    def handler(server: CoapServer, exchange: Exchange, device: DeviceIdentity) -> None:
+        server.post(exchange, device, kind)
+
+    POSTS[handler] = kind
+    return handler
+
+
+POSTS: dict[Any, RecordKind] = {}  # the device-message handlers (``_post``) and their kinds: what the C lane takes
 
 
 def _downlink(handle: Callable[[CoapDownlink, Exchange, DeviceIdentity], None]) -> Handler:

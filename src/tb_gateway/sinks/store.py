@@ -224,8 +224,8 @@ class StoreSink:
         over its sockets (about 1 ms under load); transports call it at each read, so devices are answered
         as soon as the loop next looks up from one socket.
         """
-        if self._polling:  # a callback that reached a transport's read: the outer call goes on in order
-            return
+        if self._polling or not self._finished:  # a callback that reached a transport's read: the outer call
+            return  # goes on in order; or nothing finished (most reads: one check, no bookkeeping)
         self._polling = True
         try:
             finished = self._finished
