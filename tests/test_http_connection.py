@@ -483,6 +483,31 @@ def test_drain_answers_admitted_requests_then_closes(loop: str, tmp_path: Path) 
     run(loop, main())
 
 
+def test_drain_refuses_a_half_sent_request_with_when_to_try_again(loop: str, tmp_path: Path) -> None:
+    """A request whose body is still arriving when the drain starts is refused 503 with Retry-After (as every
+    503), counted, and the connection closes."""
+
+    async def main() -> None:
+        async with serving(tmp_path) as gw:
+            raw = await Raw.connect(gw.port)
+            head = b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: 20\r\n\r\n" % TELEMETRY.encode()
+            raw.writer.write(head + b'{"a": ')
+            await raw.writer.drain()
+            await asyncio.sleep(0.1)
+            gw.server.stop_accepting()
+            draining = asyncio.create_task(gw.server.drain())
+            status, headers, body = await raw.response()
+            assert (status, headers["connection"], body) == (503, "close", b'{"error":"shutting down"}')
+            assert headers["retry-after"] == str(gw.api.settings.retry_after_seconds)
+            assert await raw.until_closed() == b""  # our side is closed; it lingers until the client closes
+            await raw.close()
+            await asyncio.wait_for(draining, 5)
+            assert gw.metric("tb_gateway_refusals_total", transport="http", reason="shutting_down") == 1
+            assert gw.sink.records == []
+
+    run(loop, main())
+
+
 def test_a_client_that_half_closes_after_its_request_still_gets_the_answer(loop: str, tmp_path: Path) -> None:
     async def main() -> None:
         async with serving(tmp_path, sink=MemorySink(delay_s=0.1)) as gw:

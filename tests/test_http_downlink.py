@@ -60,7 +60,8 @@ def test_a_long_poll_holds_its_device_here_while_it_waits(loop: str, tmp_path: P
 
 
 def test_a_poll_ended_by_shutdown_closes_the_connection(loop: str, tmp_path: Path) -> None:
-    """The app closes the hub (polls answer 503) before the connections drain: the 503 says Connection: close."""
+    """The app closes the hub (polls answer 503) before the connections drain: the 503 says Connection: close,
+    and when to try again."""
 
     async def main() -> None:
         async with serving(tmp_path, downlink=True) as gw:
@@ -72,6 +73,7 @@ def test_a_poll_ended_by_shutdown_closes_the_connection(loop: str, tmp_path: Pat
             gw.api.downlink.close()
             status, headers, body = await raw.response()
             assert (status, headers.get("connection"), body) == (503, "close", b'{"error":"shutting down"}')
+            assert headers.get("retry-after") == str(gw.api.settings.retry_after_seconds)  # as every 503
             assert await raw.until_closed() == b""
             await raw.close()
 

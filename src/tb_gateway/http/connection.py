@@ -376,7 +376,11 @@ class HttpConnection(_Base, asyncio.Protocol):
     def _resume(self, request: Request, finish: Finish, future: asyncio.Future[Any]) -> None:
         self.busy = False
         try:
-            reply = error(503, "shutting down") if future.cancelled() else finish(request, future.result())
+            reply: Reply
+            if future.cancelled():
+                reply = error(503, "shutting down", self.handlers.retry_after)
+            else:
+                reply = finish(request, future.result())
         except Exception:
             log.exception("HTTP answer failed")
             self.api.metrics.errors.labels(component="http").inc()
@@ -432,7 +436,7 @@ class HttpConnection(_Base, asyncio.Protocol):
     def _looked_up(self, request: Request, task: asyncio.Task[DeviceIdentity | None]) -> None:
         self.busy = False
         if task.cancelled():
-            self._refuse(request, error(503, "shutting down"))
+            self._refuse(request, error(503, "shutting down", self.handlers.retry_after))
         elif isinstance(blocked := task.exception(), AddressBlocked):  # blocked by a lookup of a parallel request
             self._refuse(request, too_many("address blocked", blocked.retry_after_s), "address_blocked")
         elif isinstance(task.exception(), CredentialsUnavailable):
@@ -536,7 +540,7 @@ class HttpConnection(_Base, asyncio.Protocol):
         self.stopped = True
         current = self.current
         if current is not None and not current.complete:
-            self._refuse(current, error(503, "shutting down"), "shutting_down")
+            self._refuse(current, error(503, "shutting down", self.handlers.retry_after), "shutting_down")
             current.fatal = True
         self._go_on()
 

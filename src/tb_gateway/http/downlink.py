@@ -27,6 +27,7 @@ Every 400 is counted in ``tb_gateway_refusals_total``: ``bad_request`` for a bad
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -105,11 +106,11 @@ class LongPoll:
             self.answer.set_result(result)
 
 
-def _finish(request: Request, result: dict[str, Any] | int) -> Reply:
+def _finish(request: Request, result: dict[str, Any] | int, *, retry_after: bytes = b"") -> Reply:
     if isinstance(result, int):
         if result == SHUTTING_DOWN:  # the hub closes polls before the connections drain: close this one now
             request.persist = Persist.CLOSE
-            return error(SHUTTING_DOWN, "shutting down")
+            return error(SHUTTING_DOWN, "shutting down", retry_after)  # try again (another instance, or later)
         if result == CLIENT_LEFT:
             return error(CLIENT_LEFT, "the client closed its side of the connection: a long poll needs it open")
         return result
@@ -155,9 +156,10 @@ def _until_client_left(reply: asyncio.Future[Any], closed: asyncio.Future[None])
 
 
 class HttpDownlink:
-    def __init__(self, hub: Downlink, refused: Refused) -> None:
+    def __init__(self, hub: Downlink, refused: Refused, retry_after: bytes = b"") -> None:
         self.hub = hub
         self.refused = refused
+        self._finish: Finish = functools.partial(_finish, retry_after=retry_after)  # a 503's Retry-After header
 
     def handlers(self) -> dict[Endpoint, Handler]:
         return {
@@ -179,8 +181,7 @@ class HttpDownlink:
         self.hub.activity(device, HTTP)
         timeout_s = min(timeout_ms or DEFAULT_POLL_MS, MAX_POLL_MS) / 1000
         poll = LongPoll(self.hub, device, feature, timeout_s, request.closed)
-        finish: Finish = _finish
-        return poll.answer, finish
+        return poll.answer, self._finish
 
     def rpc_reply(self, request: Request) -> Reply:
         device, match = request.device, request.match

@@ -101,7 +101,7 @@ class Handlers:
         if api.downlink is not None:  # long polls, RPC replies, client RPC (http/downlink.py)
             from tb_gateway.http.downlink import HttpDownlink
 
-            self.table.update(HttpDownlink(api.downlink, api.refused).handlers())
+            self.table.update(HttpDownlink(api.downlink, api.refused, self.retry_after).handlers())
         for endpoint in Endpoint:  # a gateway built without the downlink (unit tests) answers 404
             self.table.setdefault(endpoint, lambda request: error(404, "not served"))
 
