@@ -99,8 +99,13 @@ def _datagram(message: tuple[Any, ...]) -> tuple[bytes, Any]:
 
 
 async def _run(steps_: list[tuple[str, Any]], lane: bool) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as scratch:
+        return await _run_in(Path(scratch), steps_, lane)
+
+
+async def _run_in(tmp: Path, steps_: list[tuple[str, Any]], lane: bool) -> dict[str, Any]:
     sink = PollOnlySink()
-    api = make_api(Path(tempfile.mkdtemp()), sink, TOKENS, max_payload_size=64, clock_ms=lambda: 1_700_000_000_000)
+    api = make_api(tmp, sink, TOKENS, max_payload_size=64, clock_ms=lambda: 1_700_000_000_000)
     # four de-duplication entries at most: the oldest go first, and the expiry queues are compacted often
     config = EndpointConfig(max_body_bytes=64, max_exchanges=4)
     server = CoapServer(api, host="127.0.0.1", port=0, config=config)
@@ -178,13 +183,13 @@ def test_the_lane_answers_as_the_python_path(steps_: list[tuple[str, Any]]) -> N
     asyncio.run(main())
 
 
-def test_a_common_post_is_taken_by_the_lane_and_answered_piggybacked() -> None:
+def test_a_common_post_is_taken_by_the_lane_and_answered_piggybacked(tmp_path: Path) -> None:
     """The everyday request, spelled out: the lane hands nothing to the Python path, and the 2.01 carries the
     request's message id and token; a retransmission gets the same bytes back."""
 
     async def main() -> None:
         sink = PollOnlySink()
-        api = make_api(Path(tempfile.mkdtemp()), sink, TOKENS)
+        api = make_api(tmp_path, sink, TOKENS)
         server = CoapServer(api, host="127.0.0.1", port=0)
         server._loop = asyncio.get_running_loop()
         server._socket = Socket()
@@ -224,13 +229,13 @@ def test_a_common_post_is_taken_by_the_lane_and_answered_piggybacked() -> None:
     asyncio.run(main())
 
 
-def test_the_lane_asks_the_auth_cache_as_the_python_path_does() -> None:
+def test_the_lane_asks_the_auth_cache_as_the_python_path_does(tmp_path: Path) -> None:
     """An expired cache entry is not used (the token is looked up again), a removed device is not served,
     and with an address blocklist or another known_device the lane asks ``api.known_device`` itself."""
 
     async def main() -> None:
         sink = PollOnlySink()
-        api = make_api(Path(tempfile.mkdtemp()), sink, TOKENS)
+        api = make_api(tmp_path, sink, TOKENS)
         server = CoapServer(api, host="127.0.0.1", port=0)
         server._loop = asyncio.get_running_loop()
         server._socket = Socket()

@@ -138,12 +138,13 @@ def _both(setup: dict[str, Any], messages: list[tuple[Any, ...]], activity_seen:
     async def main() -> None:
         seen = []
         for reference in (False, True):
-            api = _api(Path(tempfile.mkdtemp()), **setup)
-            assert reference or type(api.post) is _speedups.Ingest
-            if before is not None:
-                before(api)
-            seen.append([await _post(api, message, activity_seen, reference) for message in messages])
-            api.attributes.close()
+            with tempfile.TemporaryDirectory() as scratch:
+                api = _api(Path(scratch), **setup)
+                assert reference or type(api.post) is _speedups.Ingest
+                if before is not None:
+                    before(api)
+                seen.append([await _post(api, message, activity_seen, reference) for message in messages])
+                api.attributes.close()
         assert seen[0] == seen[1]
 
     asyncio.run(main())
@@ -177,11 +178,11 @@ def test_ingest_hands_every_other_pipeline_state_to_the_python_post(batch: list[
     _both(setup, batch, False, before)
 
 
-def test_the_common_message_is_taken_in_c_and_a_device_seen_before_stays_active() -> None:
+def test_the_common_message_is_taken_in_c_and_a_device_seen_before_stays_active(tmp_path: Path) -> None:
     """The everyday case, spelled out: one record queued behind one ticket, counted once, the device active."""
 
     async def main() -> None:
-        api = _api(Path(tempfile.mkdtemp()))
+        api = _api(tmp_path)
         assert api.downlink is not None
         calls: list[Any] = []
         activity = api.downlink.activity
@@ -201,10 +202,10 @@ def test_the_common_message_is_taken_in_c_and_a_device_seen_before_stays_active(
     asyncio.run(main())
 
 
-def test_a_delivered_ticket_resolves_through_the_running_pipeline() -> None:
+def test_a_delivered_ticket_resolves_through_the_running_pipeline(tmp_path: Path) -> None:
     async def main() -> None:
         sink = CallbackMemorySink()
-        api = make_api(Path(tempfile.mkdtemp()), sink)
+        api = make_api(tmp_path, sink)
         runner = asyncio.create_task(api.pipeline.run())
         try:
             answers = [api.post(DEVICE, RecordKind.TELEMETRY, b'{"n":%d}' % n, Transport.COAP) for n in range(5)]
