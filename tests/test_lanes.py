@@ -223,7 +223,9 @@ WITHOUT_C = """
 import asyncio, sys
 from pathlib import Path
 sys.modules["tb_gateway._speedups"] = None  # as if built without a C compiler: every import of it fails
+from tb_gateway.mqtt.packets import Publish
 from tests.http_support import Raw, request, serving
+from tests.mqtt_support import Client, mqtt_gateway
 
 async def main() -> None:
     async with serving(Path(sys.argv[1]), tokens={"T1": "dev1"}) as gw:
@@ -236,6 +238,14 @@ async def main() -> None:
         assert (await raw.response())[0] == 400
         await raw.close()
         assert [r.values for r in gw.sink.records] == [{"n": 0}, {"n": 1}, {"n": 2}]
+    async with mqtt_gateway(Path(sys.argv[1]) / "mqtt") as env:
+        assert env.server.lane is None
+        client = await Client.connected(env.port, version=5)
+        await client.send(*(Publish("v1/devices/me/telemetry", b'{"m": %d}' % n, 1, n + 1) for n in range(3)))
+        await client.send(Publish("v1/devices/me/telemetry", b"{oops", 1, 9))
+        assert [(a.packet_id, a.reason_code) for a in await client.recv_n(4)] == [(1, 0), (2, 0), (3, 0), (9, 0x99)]
+        await client.close()
+        assert [r.values for r in env.sink.records] == [{"m": 0}, {"m": 1}, {"m": 2}]
 
 asyncio.run(main())
 print("served")
@@ -243,7 +253,8 @@ print("served")
 
 
 def test_without_the_c_extension_the_python_paths_serve(tmp_path: Path) -> None:
-    """A build without a C compiler: DeviceApi.post is _post, HttpConnection reads everything with httptools."""
+    """A build without a C compiler: DeviceApi.post is _post, HttpConnection reads everything with httptools,
+    MqttConnection everything with its Python session (no lane)."""
     root = Path(__file__).resolve().parent.parent
     done = subprocess.run(
         [sys.executable, "-W", "error", "-c", WITHOUT_C, str(tmp_path)],

@@ -79,7 +79,7 @@ count_one(PyObject *counter)
 
 /* downlink.hub.Downlink.activity(device, transport, now): its hot path (an active device: last_activity = now)
  * here, the rest by calling it */
-static int
+int
 mark_active(PyObject *downlink, PyObject *device, PyObject *transport, PyObject *now)
 {
     PyObject *states = PyObject_GetAttr(downlink, states_name);
@@ -381,7 +381,7 @@ static PyObject *one;
 
 /* child.observe(value) for the ack latency: fastmetrics.HistogramChild.observe in C (its bucket by
  * bisect_left over _bounds, count and sum), any other histogram child by calling it */
-static int
+int
 observe_seconds(PyObject *child, double value)
 {
     PyObject *bounds = NULL, *buckets = NULL, *count = NULL, *sum = NULL, *fresh = NULL;

@@ -1582,7 +1582,7 @@ PyInit__speedups(void)
         return NULL;
     }
     PyObject *module = PyModule_Create(&module_def);
-    if (module != NULL && lanes_init(module) < 0) {
+    if (module != NULL && (lanes_init(module) < 0 || mqtt_lane_init(module) < 0)) {
         Py_CLEAR(module);
     }
     return module;

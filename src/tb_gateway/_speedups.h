@@ -17,5 +17,12 @@ PyObject *speedups_coap_decode(PyObject *self, PyObject *const *args, Py_ssize_t
 
 /* _lanes.c: adds its types to the module */
 int lanes_init(PyObject *module);
+/* _lanes.c, shared with _mqtt_lane.c: Downlink.activity(device, transport, now) with its hot path in C */
+int mark_active(PyObject *downlink, PyObject *device, PyObject *transport, PyObject *now);
+/* _lanes.c, shared with _mqtt_lane.c: a latency histogram child's observe(seconds) */
+int observe_seconds(PyObject *child, double value);
+
+/* _mqtt_lane.c: adds its types to the module */
+int mqtt_lane_init(PyObject *module);
 
 #endif

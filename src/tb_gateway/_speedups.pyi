@@ -99,6 +99,55 @@ class FastConnection:
     def data_received(self, data: bytes) -> None: ...
     def _fast_settled(self, future: Any) -> None: ...
 
+class MqttLane:
+    """What the MQTT lane shares across a server's connections (_mqtt_lane.c, mqtt/server.py)."""
+
+    taken: int  # reads the lane took
+    def __init__(
+        self,
+        api: Any,
+        mqtt: Any,
+        topics: dict[bytes, Any],
+        outcome_type: type[Any],
+        delivered: Any,
+        ticket_type: type[Any],
+        when_settled: Any,
+        connected: Any,
+        latency: Any,
+        payload_error: Any,
+        max_packet: int,
+        headroom: int,
+        max_inflight: int,
+        sample: int,
+        /,
+    ) -> None: ...
+    def publishes(self, data: bytes, v5: bool, /) -> int: ...
+
+class FastMqttConnection:
+    """The C base of MqttConnection: the MQTT lane and the state it reads (_mqtt_lane.c)."""
+
+    _lane: Any
+    _server: Any
+    _api: Any
+    _loop: Any
+    _transport: Any
+    _session: Any
+    _acks: Any
+    _device: Any
+    _codes: Any
+    _watching: Any
+    _backlog: Any
+    _downlink: Any
+    _drained: Any
+    _read_at: float
+    _read_ms: int
+    _paused: int
+    _sampled: int
+    _closing: bool
+    _v5: bool
+    def data_received(self, data: bytes) -> None: ...
+    def _settled(self, future: Any) -> None: ...
+
 class CoapLane:
     """The CoAP server's common request in C (_lanes.c, coap/server.py)."""
 

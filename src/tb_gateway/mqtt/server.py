@@ -37,9 +37,49 @@ from tb_gateway.mqtt.session import (
     State,
 )
 from tb_gateway.mqtt.topics import Action, Target
-from tb_gateway.pipeline import when_settled
+from tb_gateway.pipeline import Ticket, when_settled
 from tb_gateway.records import DeviceIdentity, Transport
 from tb_gateway.sinks.base import Outcome
+
+try:  # the MQTT lane and the connection state it reads on every read, in C (_mqtt_lane.c)
+    from tb_gateway._speedups import FastMqttConnection as _Base
+    from tb_gateway._speedups import MqttLane
+except ImportError:  # pragma: no cover - built without a C compiler: every read takes the general path
+    MqttLane = None  # type: ignore[misc,assignment]
+
+    class _Base:  # type: ignore[no-redef]
+        """Without the C extension: the connection's own attributes, and every read goes to ``_read``."""
+
+        __slots__ = (
+            "_acks",
+            "_api",
+            "_backlog",
+            "_closing",
+            "_codes",
+            "_device",
+            "_downlink",
+            "_drained",
+            "_lane",
+            "_loop",
+            "_paused",
+            "_read_at",
+            "_read_ms",
+            "_sampled",
+            "_server",
+            "_session",
+            "_transport",
+            "_v5",
+            "_watching",
+        )
+
+        def data_received(self, data: bytes) -> None:
+            connection = cast("MqttConnection", self)
+            connection._api.pipeline.poll()  # answers whose batch is durable go out now
+            connection._read(data)
+
+        def _settled(self, future: Any) -> None:
+            cast("MqttConnection", self)._settle(future)
+
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +164,26 @@ class MqttServer:
         self.latency = api.metrics.ack_latency.labels(transport=MQTT.value)
         self.auth_log = Throttle(log, period_s=60.0)
         self.headroom = max(1, min(ROOM_HEADROOM, s.queue_max_records // 10))
+        self.lane = (
+            None
+            if MqttLane is None
+            else MqttLane(
+                api,
+                MQTT,
+                {topic.encode(): target.kind for topic, target in _FIXED.items() if target.action is _POST},
+                Outcome,
+                _DELIVERED,
+                Ticket,
+                when_settled,
+                _CONNECTED,
+                self.latency,
+                PayloadError,
+                self.limits.max_packet_bytes,
+                self.headroom,
+                self.limits.max_inflight,
+                LATENCY_SAMPLE,
+            )
+        )
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -195,34 +255,30 @@ class MqttServer:
             self._room_task = None
 
 
-class MqttConnection(asyncio.Protocol):
-    __slots__ = (
-        "_acks",
-        "_address",
-        "_api",
-        "_auth_task",
-        "_backlog",
-        "_closing",
-        "_codes",
-        "_counted",
-        "_device",
-        "_downlink",
-        "_drained",
-        "_loop",
-        "_paused",
-        "_read_at",
-        "_read_ms",
-        "_sampled",
-        "_server",
-        "_session",
-        "_timer",
-        "_transport",
-        "_v5",
-        "_watching",
-    )
+class MqttConnection(_Base, asyncio.Protocol):
+    """One client connection. ``data_received`` and ``_settled`` are the C base's (the MQTT lane, which hands
+    everything else to ``_read`` and ``_settle``); the state they read (session, ack queue, device, flags) is
+    its member slots."""
+
+    __slots__ = ("_address", "_auth_task", "_counted", "_timer")
+    # the C base's member slots, as this class uses them
+    _lane: Any
+    _server: MqttServer
+    _api: DeviceApi
+    _loop: asyncio.AbstractEventLoop
+    _transport: asyncio.Transport | None
+    _session: Session
+    _acks: AckQueue
+    _device: DeviceIdentity | None
+    _codes: dict[Outcome, int]
+    _watching: Any
+    _backlog: deque[Any] | None
+    _downlink: MqttDownlink | None
+    _drained: asyncio.Future[None] | None
 
     def __init__(self, server: MqttServer, loop: asyncio.AbstractEventLoop) -> None:
         self._server = server
+        self._lane = server.lane
         self._api = server.api
         self._loop = loop
         self._transport: asyncio.Transport | None = None
@@ -255,8 +311,9 @@ class MqttConnection(asyncio.Protocol):
         self._server.accepted.inc()
         self._arm_timer()
 
-    def data_received(self, data: bytes) -> None:
-        self._api.pipeline.poll()  # answers whose batch is durable go out now, not at the end of this pass
+    def _read(self, data: bytes) -> None:
+        """A read the lane did not take (``data_received`` polled the pipeline first: answers whose batch is
+        durable go out now, not at the end of this pass)."""
         now = self._loop.time()
         events = self._session.receive_data(data, now)
         if self._downlink is not None:  # every read is activity, PINGREQ included (one call per read)
@@ -461,7 +518,7 @@ class MqttConnection(asyncio.Protocol):
                     activity_seen=self._downlink is not None,  # data_received reported this read
                 )
             except PayloadError:
-                self._bad_payload(packet, now)  # counted and logged by post
+                self._bad_payload(packet.packet_id, packet.qos, now)  # counted and logged by post
                 return
             if packet.qos:
                 if type(answer) is Outcome:
@@ -474,18 +531,18 @@ class MqttConnection(asyncio.Protocol):
             return
         _ACTIONS[target.action](self, packet, target, now)
 
-    def _bad_payload(self, packet: Publish, now: float) -> None:
+    def _bad_payload(self, packet_id: int, qos: int, now: float) -> None:
         """Spec §1.15: v5 PUBACK 0x99 (QoS 0: DISCONNECT 0x99); 3.x close, after the earlier PUBACKs."""
-        if self._v5 and packet.qos:
-            self._acks.append((packet.packet_id, PAYLOAD_INVALID, now))
+        if self._v5 and qos:
+            self._acks.append((packet_id, PAYLOAD_INVALID, now))
         else:
-            self._acks.append((packet.packet_id, -PAYLOAD_INVALID, now))
+            self._acks.append((packet_id, -PAYLOAD_INVALID, now))
             self._closing = True
             self._pause(CLOSING)
 
     def _refuse_payload(self, packet: Publish, now: float, detail: str) -> None:
         self._api.refused(self._device, MQTT, "bad_payload", detail)
-        self._bad_payload(packet, now)
+        self._bad_payload(packet.packet_id, packet.qos, now)
 
     def _unknown(self, packet: Publish, target: Target, now: float) -> None:
         """Spec §1.15: v5 PUBACK 0x90; 3.x a plain PUBACK; the message is dropped (and counted)."""
@@ -556,8 +613,9 @@ class MqttConnection(asyncio.Protocol):
 
     # --- answers, backpressure, timers -------------------------------------------------------------------
 
-    def _settled(self, future: Any) -> None:
-        """The head of the ack queue resolved; the rest of its batch usually has too: answer them all.
+    def _settle(self, future: Any) -> None:
+        """The head of the ack queue resolved; the rest of its batch usually has too: answer them all (what
+        the C base's ``_settled`` does not answer itself: it takes the hot path below, in C).
 
         Only the watched head's own callback may clear ``_watching``: clearing it from any other callback let
         ``_flush`` watch the same head twice, and each extra callback watched the next head again, so under
