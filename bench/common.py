@@ -78,6 +78,35 @@ def loadgen() -> Path:
     return binary
 
 
+def fdatasync_cost(samples: int = 400) -> dict[str, float]:
+    """What one durable append costs on the disk the benchmarks' stores live on (4 KiB pwrite + fdatasync into
+    a preallocated file, as the embedded store does): its wall time, which bounds how often a batch can
+    leave, and its CPU, which the gateway's core pays per batch. Figures differ a lot between machines."""
+    path = tempdir() / "fdatasync-probe"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, samples * 4096)
+        os.fsync(fd)
+        block = b"x" * 4096
+        walls = []
+        cpu = time.process_time()
+        for i in range(samples):
+            start = time.perf_counter()
+            os.pwrite(fd, block, i * 4096)
+            os.fdatasync(fd)
+            walls.append(time.perf_counter() - start)
+        cpu = time.process_time() - cpu
+    finally:
+        os.close(fd)
+        path.unlink()
+    walls.sort()
+    return {
+        "p50_us": walls[len(walls) // 2] * 1e6,
+        "p99_us": walls[len(walls) * 99 // 100] * 1e6,
+        "cpu_us": cpu / samples * 1e6,
+    }
+
+
 def run_load(*args: str, timeout_s: float = 120.0) -> dict[str, Any]:
     out = subprocess.run(
         pinned(LOAD_CORE, str(loadgen()), *args), capture_output=True, text=True, timeout=timeout_s, check=True

@@ -118,7 +118,35 @@ def test_invalidate_all_or_matching_and_bounded_size() -> None:
             await small.authenticate(AccessToken(f"guess{n}"), "http")
 
     asyncio.run(flood())
-    assert len(small._cache) <= 10
+    assert len(small._cache) + len(small._misses) <= 10
+
+
+def test_a_flood_of_wrong_credentials_never_evicts_a_device() -> None:
+    """Misses are kept apart, at most a tenth of AUTH_CACHE_MAX_ENTRIES: guessing clients churn only them
+    (before, the oldest tenth of one shared cache went, which under a flood was the devices' own entries)."""
+    source = TokenSource({f"T{n}": f"dev{n}" for n in range(10)})
+    auth = AuthService([source], Metrics(), ttl_s=3600, negative_ttl_s=60, max_entries=20)
+
+    async def main() -> None:
+        for n in range(10):
+            assert await auth.authenticate(AccessToken(f"T{n}"), "http") is not None
+        for n in range(5000):
+            assert await auth.authenticate(AccessToken(f"guess{n}"), "http") is None
+        assert len(auth._misses) <= 2 and len(auth._cache) == 10
+        for n in range(10):  # every device still from the cache: no new lookup
+            assert await auth.authenticate(AccessToken(f"T{n}"), "http") is not None
+        assert source.lookups == 10 + 5000
+        # a credential's answer changes sides: a miss that is now known, a hit that is gone
+        source.tokens["guess4999"] = "late"
+        assert auth.invalidate(lambda credentials, identity: credentials == AccessToken("guess4999")) == 1
+        assert (await auth.authenticate(AccessToken("guess4999"), "http")).name == "late"  # type: ignore[union-attr]
+        del source.tokens["T0"]
+        assert auth.invalidate(lambda credentials, identity: credentials == AccessToken("T0")) == 1
+        assert await auth.authenticate(AccessToken("T0"), "http") is None
+        assert AccessToken("T0") in auth._misses and AccessToken("T0") not in auth._cache
+        assert auth.cached(AccessToken("T0"), "http") == (True, None)  # the cached refusal, counted
+
+    asyncio.run(main())
 
 
 def test_invalidate_source_keeps_what_other_sources_vouched_for() -> None:
@@ -148,7 +176,7 @@ def test_the_cache_bound_is_a_setting(tmp_path: Path) -> None:
                 await gateway.auth.authenticate(AccessToken(f"guess{n}"), "http")
 
         asyncio.run(flood())
-        assert 0 < len(gateway.auth._cache) <= 7
+        assert len(gateway.auth._cache) == 0 and len(gateway.auth._misses) == 1  # misses: a tenth, at least one
     finally:
         gateway.registry.close()
         gateway.attributes.close()

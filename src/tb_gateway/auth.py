@@ -6,6 +6,8 @@ shared cache or X.509 fingerprints plug in as further sources without touching a
 
 Hits are cached for ``ttl_s`` (ThingsBoard's gateway promise: 1 hour), misses for ``negative_ttl_s`` (short,
 so a device registered a moment ago gets in quickly while a token-guessing client still costs nothing).
+Misses are kept apart from hits, at most a tenth as many: a flood of wrong credentials churns only the
+misses and never evicts a device's entry (which would send every device back to the sources).
 Concurrent lookups of one credential share a single source query.
 
 Two optional layers (docs/scale-out.md): a ``SharedCache`` asked before the sources and told their answers,
@@ -110,7 +112,9 @@ class AuthService:
         self._negative_ttl_s = negative_ttl_s
         self._max_entries = max_entries
         self._clock = clock
-        self._cache: dict[Credentials, _Entry] = {}
+        self._cache: dict[Credentials, _Entry] = {}  # hits (the C lanes read it too: _lanes.c lookup_device)
+        self._misses: dict[Credentials, _Entry] = {}  # misses, at most _max_misses
+        self._max_misses = max(1, max_entries // 10)
         self._pending: dict[Credentials, asyncio.Future[DeviceIdentity | None]] = {}
         self._shared = shared
         self._blocklist = blocklist
@@ -147,7 +151,7 @@ class AuthService:
         would count it; on ``(False, None)`` the caller awaits ``authenticate``.
         """
         self._check_address(address, transport)
-        entry = self._cache.get(credentials)
+        entry = self._cache.get(credentials) or self._misses.get(credentials)
         if entry is None or entry.expires_at <= self._clock():
             return False, None
         self._count(entry.identity, transport, address)
@@ -169,7 +173,7 @@ class AuthService:
         return entry.identity
 
     async def _lookup(self, credentials: Credentials) -> DeviceIdentity | None:
-        entry = self._cache.get(credentials)
+        entry = self._cache.get(credentials) or self._misses.get(credentials)
         if entry is not None and entry.expires_at > self._clock():
             return entry.identity
         return await self._resolve(credentials)
@@ -268,12 +272,16 @@ class AuthService:
         return None if unsure else False
 
     def _remember(self, credentials: Credentials, identity: DeviceIdentity | None, source: str | None) -> None:
-        if len(self._cache) >= self._max_entries:
+        if identity is None:
+            entries, other, limit, ttl = self._misses, self._cache, self._max_misses, self._negative_ttl_s
+        else:
+            entries, other, limit, ttl = self._cache, self._misses, self._max_entries, self._ttl_s
+        other.pop(credentials, None)  # the answer changed: one entry per credential
+        if len(entries) >= limit and credentials not in entries:
             # dicts keep insertion order: drop the oldest tenth in one go rather than one per insert
-            for key in list(self._cache)[: max(1, self._max_entries // 10)]:
-                del self._cache[key]
-        ttl = self._ttl_s if identity is not None else self._negative_ttl_s
-        self._cache[credentials] = _Entry(identity, self._clock() + ttl, source)
+            for key in list(entries)[: max(1, limit // 10)]:
+                del entries[key]
+        entries[credentials] = _Entry(identity, self._clock() + ttl, source)
 
     async def close(self) -> None:
         """Release what sources hold (the ThingsBoard source's connection pool); the app calls it at shutdown."""
@@ -287,15 +295,21 @@ class AuthService:
         doomed = [key for key, entry in self._cache.items() if entry.source in (name, None)]
         for key in doomed:
             del self._cache[key]
-        return len(doomed)
+        dropped = len(doomed) + len(self._misses)
+        self._misses.clear()
+        return dropped
 
     def invalidate(self, predicate: Callable[[Credentials, DeviceIdentity | None], bool] | None = None) -> int:
         """Forget cached answers (all, or those matching); returns how many were dropped."""
         if predicate is None:
-            dropped = len(self._cache)
+            dropped = len(self._cache) + len(self._misses)
             self._cache.clear()
+            self._misses.clear()
             return dropped
-        doomed = [key for key, entry in self._cache.items() if predicate(key, entry.identity)]
-        for key in doomed:
-            del self._cache[key]
-        return len(doomed)
+        dropped = 0
+        for entries in (self._cache, self._misses):
+            doomed = [key for key, entry in entries.items() if predicate(key, entry.identity)]
+            for key in doomed:
+                del entries[key]
+            dropped += len(doomed)
+        return dropped
