@@ -608,3 +608,63 @@ def test_a_full_disk_refuses_appends_until_there_is_room_and_a_restart_works(
     stored = [p for _, p in read_log(tmp_path)]
     assert stored[-1] == payloads(99, [5])[0]
     assert not set(stored) - set(acknowledged) - set(payloads(99, [5]))  # nothing refused was stored
+
+
+FIEMAP = 0xC020660B  # _IOWR('f', 11, struct fiemap)
+FIEMAP_EXTENT_UNWRITTEN = 0x800
+
+
+def unwritten_ranges(path: Path) -> list[tuple[int, int]] | None:
+    """The file's extents that are only reserved (FIEMAP), or None where the filesystem cannot say."""
+    import fcntl
+    import struct
+
+    count = 512
+    request = bytearray(struct.pack("=QQIIII", 0, 2**64 - 1, 1, 0, count, 0) + bytes(56 * count))  # 1: sync first
+    with path.open("rb") as f:
+        try:
+            fcntl.ioctl(f.fileno(), FIEMAP, request)
+        except OSError:
+            return None
+    mapped = struct.unpack_from("=I", request, 20)[0]
+    found = []
+    for n in range(mapped):
+        logical, _, length = struct.unpack_from("=QQQ", request, 32 + 56 * n)
+        flags = struct.unpack_from("=I", request, 32 + 56 * n + 40)[0]
+        if flags & FIEMAP_EXTENT_UNWRITTEN:
+            found.append((logical, logical + length))
+    return found
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["c", "python"])
+def test_the_space_ahead_of_the_tail_is_zeroed_so_appends_sync_no_extent_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, native: bool
+) -> None:
+    """A preallocated extent is only reserved until written; the first write into it is a metadata change
+    that makes the append's fdatasync commit the journal. The writer zeroes ZERO_AHEAD past the tail, once
+    per ZERO_AHEAD of appends."""
+    if not native:
+        monkeypatch.setattr(segments, "_speedups", None)
+    zero_writes: list[int] = []
+    pwrite = os.pwrite
+    monkeypatch.setattr(
+        segments.os, "pwrite", lambda fd, data, at: (not any(data) and zero_writes.append(at)) or pwrite(fd, data, at)
+    )
+    ahead = segments.ZERO_AHEAD
+    writer = written(tmp_path, [], segment_bytes=8 * ahead)
+    segment = only_segment(tmp_path)
+    if unwritten_ranges(segment) is None or not unwritten_ranges(segment):
+        pytest.skip("this filesystem does not report reserved extents")
+    batches = [payloads(b, [200] * 40) for b in range(300)]  # about 2.9 MiB in 300 appends
+    for batch in batches:
+        reserved, tail, zeroings = unwritten_ranges(segment) or [], writer._cursor.offset, len(zero_writes)
+        writer.append(batch)
+        if len(zero_writes) == zeroings:  # written where the writer had zeroed before: no extent changed
+            assert not [r for r in reserved if r[0] < writer._cursor.offset and tail < r[1]], (tail, reserved)
+    assert len(zero_writes) == 3  # once per ZERO_AHEAD, not per append
+    tail = writer._cursor.offset
+    writer.close()
+    reopened = written(tmp_path, [payloads(300, [5])], segment_bytes=8 * ahead)  # mid-segment after a restart
+    reopened.close()
+    assert entries(tmp_path) == [p for batch in batches for p in batch] + payloads(300, [5])
+    assert zero_writes[-1] >= tail and all(start >= tail + ahead for start, _ in unwritten_ranges(segment) or [])

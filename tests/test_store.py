@@ -131,7 +131,10 @@ def test_deliver_returns_only_after_the_written_segment_is_synced(
         await sink.start()
         events.clear()
         await sink.deliver([rec(1, a=1), rec(2, a=2)])
-        assert events == ["pwrite", "fdatasync"]  # one write and one sync per batch
+        assert events == ["pwrite", "pwrite", "fdatasync"]  # the batch, the zeros ahead of it, one sync
+        events.clear()
+        await sink.deliver([rec(3, a=3)])
+        assert events == ["pwrite", "fdatasync"]  # then one write and one sync per batch
         events.append("returned")
         await sink.close()
 
