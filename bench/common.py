@@ -80,12 +80,14 @@ def loadgen() -> Path:
 
 def fdatasync_cost(samples: int = 400) -> dict[str, float]:
     """What one durable append costs on the disk the benchmarks' stores live on (4 KiB pwrite + fdatasync into
-    a preallocated file, as the embedded store does): its wall time, which bounds how often a batch can
-    leave, and its CPU, which the gateway's core pays per batch. Figures differ a lot between machines."""
+    a preallocated file whose space was zeroed first, as the embedded store does: sinks/segments.py,
+    ``ZERO_AHEAD``): its wall time, which bounds how often a batch can leave, and its CPU, which the
+    gateway's core pays per batch. Figures differ a lot between machines."""
     path = tempdir() / "fdatasync-probe"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
     try:
         os.posix_fallocate(fd, 0, samples * 4096)
+        os.pwrite(fd, bytes(samples * 4096), 0)
         os.fsync(fd)
         block = b"x" * 4096
         walls = []

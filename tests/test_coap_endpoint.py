@@ -31,7 +31,7 @@ from tb_gateway.coap.endpoint import (
     RequestRefused,
     ResponseTimedOut,
 )
-from tb_gateway.coap.expiring import ExpiringMap
+from tb_gateway.coap.expiring import ExpiringMap, PeerWindowedMap
 
 PEER = ("192.0.2.1", 40000)
 PATH = ((Option.URI_PATH, b"api"), (Option.URI_PATH, b"v1"), (Option.URI_PATH, b"T"), (Option.URI_PATH, b"telemetry"))
@@ -260,6 +260,52 @@ def test_expiring_map_keeps_each_lifetime_and_drops_the_first_to_expire_at_its_c
     assert len(table) == 0
 
 
+def test_a_peer_keeps_only_its_newest_entries_and_an_emptied_window_goes():
+    table: PeerWindowedMap[str, int] = PeerWindowedMap(100, 3)
+    for mid in range(5):
+        table.put(("a", mid), mid, float(mid), 247.0)
+    table.put(("b", 0), 10, 5.0, 145.0)
+    assert [table.get(("a", mid)) for mid in range(5)] == [None, None, 2, 3, 4]  # a's oldest two went, early
+    assert table.get(("b", 0)) == 10  # another peer's entries are untouched
+    assert [key for _, key in table._windows["a"]] == [("a", 2), ("a", 3), ("a", 4)]
+    table.pop(("a", 3))  # stale inside the window until it reaches the front
+    table.put(("a", 5), 5, 6.0, 247.0)
+    assert [table.get(("a", mid)) for mid in (2, 4, 5)] == [None, 4, 5]
+    assert [key for _, key in table._windows["a"]] == [("a", 4), ("a", 5)]
+    table.expire(151.0)  # b's NON expired: its window goes with it (peers come and go)
+    assert "b" not in table._windows and len(table) == 2
+    table.put(("a", 4), 40, 200.0, 247.0)  # overwritten: the older window entry is stale
+    table.expire(254.0)  # (a, 5) expired at 253, the stale (a, 4) of 251 goes with it; (a, 4) lives to 447
+    assert table.get(("a", 4)) == 40 and [key for _, key in table._windows["a"]] == [("a", 4)]
+    table.expire(447.0)
+    assert len(table) == 0 and table._windows == {}
+
+
+def test_a_windowed_map_at_its_cap_drops_the_first_to_expire_and_keeps_the_windows_in_step():
+    table: PeerWindowedMap[str, int] = PeerWindowedMap(4, 64)
+    for n in range(40):  # many peers, one entry each: the cap, not the windows, bounds the map
+        table.put((f"peer-{n}", 1), n, float(n), 247.0)
+    assert len(table) == 4 and sorted(table._windows) == ["peer-36", "peer-37", "peer-38", "peer-39"]
+    assert sum(len(queue) for queue in table._queues.values()) <= 2 * 4 + 4 // 8 + 1
+    zero = PeerWindowedMap[str, int](100, 0)  # 0: no per-peer bound
+    for mid in range(10):
+        zero.put(("a", mid), mid, 0.0, 1.0)
+    assert len(zero) == 10 and zero._windows == {}
+
+
+def test_a_retransmission_of_a_message_older_than_the_peer_window_is_taken_again():
+    """Californium's per-peer de-duplication: a device retransmits only its latest messages (NSTART 1)."""
+    ep = endpoint(exchanges_per_peer=2)
+    for mid in (1, 2, 3):
+        ep.respond(only_request(ep.receive_datagram(request(mid=mid), PEER, 0.0)), 0.0, Code.CREATED)
+    ep.datagrams_to_send(0.0)
+    assert ep.receive_datagram(request(mid=3), PEER, 2.0) == []  # the newest two are duplicates still
+    assert ep.receive_datagram(request(mid=2), PEER, 2.0) == []
+    assert sent(ep) == [Message(ACK, Code.CREATED, 3, b"tk"), Message(ACK, Code.CREATED, 2, b"tk")]
+    only_request(ep.receive_datagram(request(mid=1), PEER, 2.0))  # forgotten: a new request (at least once)
+    assert ep.stats()["exchanges"] == 2
+
+
 def test_memory_is_bounded_under_a_flood_of_message_ids_tokens_and_addresses():
     ep = endpoint(max_exchanges=500, max_block_transfers=20, max_observations=50)
     now = 0.0
@@ -287,6 +333,8 @@ def test_memory_is_bounded_under_a_flood_of_message_ids_tokens_and_addresses():
         now += 0.001
     stats = ep.stats()
     assert stats["exchanges"] <= 500
+    assert len(ep._seen._windows) <= 500  # 20,000 addresses, but a peer's window goes with its last entry
+    assert sum(len(queue) for queue in ep._seen._queues.values()) <= 2 * 500 + 500 // 8 + 1
     assert stats["block_transfers"] <= 20
     assert stats["observations"] <= 50
     # unanswered CONs went over to separate responses at their deadline and left the piggyback queue

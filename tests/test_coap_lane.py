@@ -98,16 +98,17 @@ def _datagram(message: tuple[Any, ...]) -> tuple[bytes, Any]:
     return encode(msg), ADDRESSES[address]
 
 
-async def _run(steps_: list[tuple[str, Any]], lane: bool) -> dict[str, Any]:
+async def _run(steps_: list[tuple[str, Any]], lane: bool, window: int = 64) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as scratch:
-        return await _run_in(Path(scratch), steps_, lane)
+        return await _run_in(Path(scratch), steps_, lane, window)
 
 
-async def _run_in(tmp: Path, steps_: list[tuple[str, Any]], lane: bool) -> dict[str, Any]:
+async def _run_in(tmp: Path, steps_: list[tuple[str, Any]], lane: bool, window: int) -> dict[str, Any]:
     sink = PollOnlySink()
     api = make_api(tmp, sink, TOKENS, max_payload_size=64, clock_ms=lambda: 1_700_000_000_000)
-    # four de-duplication entries at most: the oldest go first, and the expiry queues are compacted often
-    config = EndpointConfig(max_body_bytes=64, max_exchanges=4)
+    # four de-duplication entries at most, ``window`` per peer: the oldest go first, and the expiry queues
+    # are compacted often
+    config = EndpointConfig(max_body_bytes=64, max_exchanges=4, exchanges_per_peer=window)
     server = CoapServer(api, host="127.0.0.1", port=0, config=config)
     server.endpoint._next_mid = 1000  # separate responses' message ids: the same both ways
     server._loop = asyncio.get_running_loop()
@@ -159,6 +160,10 @@ async def _run_in(tmp: Path, steps_: list[tuple[str, Any]], lane: bool) -> dict[
         "pending": server.pending,
         "seen": seen,
         "queued": server.endpoint._seen._queued,
+        "windows": {
+            peer: [(round(expires - start, 6), key) for expires, key in window]
+            for peer, window in server.endpoint._seen._windows.items()
+        },
         "piggyback": [_fields(exchange, start) for exchange in server.endpoint._piggyback],
     }
 
@@ -175,10 +180,12 @@ def _fields(exchange: Exchange, start: float) -> tuple[Any, ...]:
 
 
 @settings(max_examples=200, deadline=None)
-@given(steps)
-def test_the_lane_answers_as_the_python_path(steps_: list[tuple[str, Any]]) -> None:
+@given(steps, st.sampled_from([1, 2, 64]))
+def test_the_lane_answers_as_the_python_path(steps_: list[tuple[str, Any]], window: int) -> None:
+    """``window``: de-duplication entries kept per peer (1 and 2: the lane's put drops a peer's oldest)."""
+
     async def main() -> None:
-        assert await _run(steps_, lane=True) == await _run(steps_, lane=False)
+        assert await _run(steps_, lane=True, window=window) == await _run(steps_, lane=False, window=window)
 
     asyncio.run(main())
 

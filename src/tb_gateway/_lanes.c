@@ -1096,7 +1096,7 @@ static PyObject *seen_name, *items_name, *queues_name, *queued_name, *cap_name, 
     *schedule_flush_name, *state_name, *confirmable_name, *block1_name, *block2_name, *observation_name,
     *received_at_name_, *reply_name, *deadline_name, *set_name, *config_name, *exchange_lifetime_name,
     *non_lifetime_name, *piggyback_timeout_name, *result_name_c, *cancelled_name_c, *addr_name_c, *mid_name_c,
-    *token_name_c;
+    *token_name_c, *window_name, *windows_name;
 
 static PyObject *coap_answer_call(PyObject *callable, PyObject *const *args, size_t nargsf, PyObject *kwnames);
 
@@ -1149,8 +1149,11 @@ seen_live(PyObject *items, PyObject *queued)
 
 /* ExpiringMap._drop_first: the entry that expires first goes (the map is at its cap). The number of queue
  * entries removed, or -1 on error. */
+static int seen_trim(PyObject *seen, PyObject *items, PyObject *windows, PyObject *peer, PyObject *window);
+static int seen_removed(PyObject *seen, PyObject *items, PyObject *key);
+
 static Py_ssize_t
-seen_drop_first(PyObject *items, PyObject *queues)
+seen_drop_first(PyObject *seen, PyObject *items, PyObject *queues)
 {
     Py_ssize_t removed = 0, pos = 0;
     PyObject *lifetime, *queue, *first = NULL, *first_head = NULL;
@@ -1200,7 +1203,8 @@ seen_drop_first(PyObject *items, PyObject *queues)
     }
     if (first != NULL) {
         PyObject *gone = PyObject_CallMethodNoArgs(first, popleft_name_);
-        int rc = gone == NULL ? -1 : PyDict_DelItem(items, PyTuple_GET_ITEM(first_head, 1));
+        PyObject *key = PyTuple_GET_ITEM(first_head, 1);
+        int rc = gone == NULL || PyDict_DelItem(items, key) < 0 ? -1 : seen_removed(seen, items, key);
         Py_XDECREF(gone);
         if (rc < 0) {
             Py_DECREF(first_head);
@@ -1210,6 +1214,108 @@ seen_drop_first(PyObject *items, PyObject *queues)
     }
     Py_XDECREF(first_head);
     return removed;
+}
+
+/* PeerWindowedMap._trim: drop the stale front of a peer's window; an empty window goes. 0 or -1 */
+static int
+seen_trim(PyObject *seen, PyObject *items, PyObject *windows, PyObject *peer, PyObject *window)
+{
+    for (;;) {
+        Py_ssize_t size = PyObject_Length(window);
+        if (size <= 0) {
+            return size < 0 ? -1 : PyDict_DelItem(windows, peer);
+        }
+        PyObject *head = PySequence_GetItem(window, 0);
+        int live = head == NULL ? -1 : seen_live(items, head);
+        Py_XDECREF(head);
+        if (live != 0) {
+            return live < 0 ? -1 : 0;
+        }
+        PyObject *gone = PyObject_CallMethodNoArgs(window, popleft_name_);
+        if (gone == NULL) {
+            return -1;
+        }
+        Py_DECREF(gone);
+    }
+}
+
+/* The peer's windows dict of a PeerWindowedMap (new reference), Py_None (new reference) for a plain
+ * ExpiringMap, NULL with an error */
+static PyObject *
+seen_windows(PyObject *seen)
+{
+    Py_ssize_t size = attr_ssize(seen, window_name);
+    if (size < 0) {
+        return NULL;
+    }
+    return size == 0 ? Py_NewRef(Py_None) : PyObject_GetAttr(seen, windows_name);
+}
+
+/* ExpiringMap._removed (PeerWindowedMap's): key left the map; trim its peer's window. 0 or -1 */
+static int
+seen_removed(PyObject *seen, PyObject *items, PyObject *key)
+{
+    PyObject *windows = seen_windows(seen);
+    if (windows == NULL || windows == Py_None) {
+        Py_XDECREF(windows);
+        return windows == NULL ? -1 : 0;
+    }
+    int rc = -1;
+    if (PyDict_Check(windows) && PyTuple_Check(key) && PyTuple_GET_SIZE(key) > 0) {
+        PyObject *peer = PyTuple_GET_ITEM(key, 0);
+        PyObject *window = PyDict_GetItemWithError(windows, peer);
+        rc = window == NULL ? (PyErr_Occurred() ? -1 : 0) : seen_trim(seen, items, windows, peer, window);
+    }
+    else {
+        PyErr_SetString(PyExc_TypeError, "PeerWindowedMap: (peer, id) keys and a windows dict expected");
+    }
+    Py_DECREF(windows);
+    return rc;
+}
+
+/* PeerWindowedMap.put after ExpiringMap.put: queued, the (expires_at, key) just queued, joins the key's peer's
+ * window (a new one: a deque like the lifetime queue); past the window, the peer's oldest goes. 0 or -1 */
+static int
+seen_window(PyObject *seen, PyObject *items, PyObject *queue, PyObject *key, PyObject *queued)
+{
+    Py_ssize_t limit = attr_ssize(seen, window_name);
+    if (limit <= 0) {
+        return limit < 0 ? -1 : 0;
+    }
+    PyObject *windows = PyObject_GetAttr(seen, windows_name);
+    if (windows == NULL || !PyDict_Check(windows) || !PyTuple_Check(key) || PyTuple_GET_SIZE(key) == 0) {
+        if (windows != NULL) {
+            PyErr_SetString(PyExc_TypeError, "PeerWindowedMap: (peer, id) keys and a windows dict expected");
+        }
+        Py_XDECREF(windows);
+        return -1;
+    }
+    PyObject *peer = PyTuple_GET_ITEM(key, 0);
+    PyObject *window = Py_XNewRef(PyDict_GetItemWithError(windows, peer));
+    int rc = -1;
+    if (window == NULL && !PyErr_Occurred()) {
+        window = PyObject_CallNoArgs((PyObject *)Py_TYPE(queue));
+        if (window != NULL && PyDict_SetItem(windows, peer, window) < 0) {
+            Py_CLEAR(window);
+        }
+    }
+    PyObject *none = window == NULL ? NULL : PyObject_CallMethodOneArg(window, append_name, queued);
+    Py_ssize_t size = none == NULL ? -1 : PyObject_Length(window);
+    Py_XDECREF(none);
+    if (size >= 0 && size <= limit) {
+        rc = 0;
+    }
+    else if (size > limit) {
+        PyObject *oldest = PyObject_CallMethodNoArgs(window, popleft_name_);
+        int live = oldest == NULL ? -1 : seen_live(items, oldest);
+        if (live >= 0 && (!live || PyDict_DelItem(items, PyTuple_GET_ITEM(oldest, 1)) == 0)) {
+            rc = seen_trim(seen, items, windows, peer, window);
+        }
+        Py_XDECREF(oldest);
+    }
+    Py_XDECREF(window);
+    Py_DECREF(windows);
+    return rc;
 }
 
 /* ExpiringMap.put(key, value, now, lifetime) */
@@ -1234,7 +1340,7 @@ seen_put(PyObject *seen, PyObject *key, PyObject *value, double now, PyObject *l
     Py_INCREF(queue);
     Py_ssize_t count = attr_ssize(seen, queued_name), dropped = 0;
     if (count >= 0 && PyDict_GET_SIZE(items) >= cap) { /* at the cap (the key is new): the first to expire goes */
-        dropped = seen_drop_first(items, queues);
+        dropped = seen_drop_first(seen, items, queues);
     }
     PyObject *expires = dropped < 0 || count < 0 ? NULL : PyFloat_FromDouble(now + PyFloat_AsDouble(lifetime));
     PyObject *entry = expires == NULL ? NULL : PyTuple_Pack(2, expires, value);
@@ -1244,7 +1350,10 @@ seen_put(PyObject *seen, PyObject *key, PyObject *value, double now, PyObject *l
                          : PyObject_CallMethodOneArg(queue, append_name, queued);
     count = none == NULL ? -1 : count - dropped + 1;
     if (count >= 0 && set_ssize(seen, queued_name, count) == 0) {
-        rc = count > 2 * cap ? call_method_none(seen, compact_name, NULL, 0) : 0;
+        rc = count > 2 * PyDict_GET_SIZE(items) + cap / 8 ? call_method_none(seen, compact_name, NULL, 0) : 0;
+    }
+    if (rc == 0) {
+        rc = seen_window(seen, items, queue, key, queued);
     }
     Py_XDECREF(none);
     Py_XDECREF(queued);
@@ -1896,6 +2005,7 @@ lanes_init(PyObject *module)
         {&fast_settled_name, "_fast_settled"}, {&then_name_, "then"},        {&max_payload_name, "max_payload"},
         {&idle_timeout_name, "idle_timeout"},
         {&seen_name, "_seen"},            {&items_name, "_items"},            {&queues_name, "_queues"},
+        {&window_name, "window"},         {&windows_name, "_windows"},
         {&queued_name, "_queued"},        {&cap_name, "cap"},                 {&put_name, "put"},
         {&compact_name, "_compact"},      {&piggyback_name, "_piggyback"},    {&outbox_name, "_outbox"},
         {&sweep_at_name, "_sweep_at"},    {&sweep_name, "_sweep"},            {&accepting_name, "_accepting"},

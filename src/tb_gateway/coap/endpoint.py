@@ -10,7 +10,8 @@ and answers it once with ``respond``:
 
 - de-duplication: a retransmitted CON gets the same reply again (the piggybacked response, or the empty ACK
   of a separate response); a duplicate NON is dropped. Remembered for EXCHANGE_LIFETIME (CON) or
-  NON_LIFETIME (NON), and never more than ``max_exchanges`` at once (oldest forgotten first);
+  NON_LIFETIME (NON), and never more than ``max_exchanges`` at once (oldest forgotten first) nor more than
+  ``exchanges_per_peer`` of one peer (its oldest forgotten first, as Californium's per-peer de-duplicator);
 - piggybacking: a CON answered within ``piggyback_timeout_s`` gets its response in the ACK; otherwise the
   endpoint sends the empty ACK at the deadline and the response later goes out as a CON of its own,
   retransmitted with exponential back-off until ACKed or MAX_RETRANSMIT is reached;
@@ -49,7 +50,7 @@ from tb_gateway.coap.codec import (
     encode,
     encode_uint,
 )
-from tb_gateway.coap.expiring import ExpiringMap
+from tb_gateway.coap.expiring import ExpiringMap, PeerWindowedMap
 from tb_gateway.construct import constructor
 
 Address = Any  # whatever the transport uses as a peer address (a hashable tuple for UDP sockets)
@@ -92,6 +93,7 @@ class EndpointConfig:
     exchange_lifetime_s: float = 247.0  # EXCHANGE_LIFETIME: how long a CON's reply is kept for duplicates
     non_lifetime_s: float = 145.0  # NON_LIFETIME
     max_exchanges: int = 100_000  # de-duplication entries (~0.5 KB each, 50 MB); the oldest go first
+    exchanges_per_peer: int = 64  # and at most this many per peer, its newest (Californium's default too)
     max_body_bytes: int = 65_536  # MAX_PAYLOAD_SIZE: larger request bodies get 4.13 with Size1
     block_szx: int = 6  # 1024-byte blocks: the largest that fits an unfragmented IPv6 datagram (RFC 7252 §4.6)
     max_block_transfers: int = 1_000  # concurrent Block1 uploads; with max_body_bytes bounds their memory
@@ -259,7 +261,9 @@ class Endpoint:
         self._rng = rng
         self._next_mid = int(rng() * 0x10000) & 0xFFFF if first_mid is None else first_mid
         # (peer, message id) -> the Exchange while unanswered, then only the bytes a duplicate gets back
-        self._seen: ExpiringMap[tuple[Address, int], Exchange | bytes] = ExpiringMap(config.max_exchanges)
+        self._seen: PeerWindowedMap[Address, Exchange | bytes] = PeerWindowedMap(
+            config.max_exchanges, config.exchanges_per_peer
+        )
         self._piggyback: deque[Exchange] = deque()
         self._outgoing: dict[tuple[Address, int], _Outgoing] = {}
         self._retransmit: list[tuple[float, int, _Outgoing]] = []

@@ -8,6 +8,14 @@ kept — a map of live objects would make every gen-2 collection walk the whole 
 There is one queue per lifetime: with a non-decreasing ``now`` each queue is in expiry order by construction,
 whereas one shared queue would let a long-lived entry hide a shorter-lived one inserted after it (a NON's
 145 s behind a CON's 247 s). Callers use a few fixed lifetimes, so there are a few queues.
+
+``PeerWindowedMap`` also keeps at most ``window`` entries per peer (the first item of a key), dropping a
+peer's oldest even before it expires, as Californium's ``PEERS_MARK_AND_SWEEP`` de-duplicator does (64 per
+peer by default there too): a device retransmits only its latest messages (NSTART is 1), so older ones need
+no memory. Without it a busy gateway keeps ``cap`` entries whatever its peers: 100,000 at 75k messages/s,
+~30 MB that every lookup reaches into through cache misses (CoAP throughput 79k -> 100k/s with 2,000).
+Entries left stale in the queues by windows, pops and overwrites are compacted away once they outnumber
+the live ones by more than an eighth of the cap.
 """
 
 from __future__ import annotations
@@ -18,9 +26,12 @@ from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
+P = TypeVar("P", bound=Hashable)
 
 
 class ExpiringMap(Generic[K, V]):
+    window = 0  # entries kept per peer: PeerWindowedMap (the C lane reads it)
+
     def __init__(self, cap: int) -> None:
         self.cap = cap
         self._items: dict[K, tuple[float, V]] = {}
@@ -36,7 +47,10 @@ class ExpiringMap(Generic[K, V]):
 
     def pop(self, key: K) -> V | None:
         entry = self._items.pop(key, None)
-        return None if entry is None else entry[1]
+        if entry is None:
+            return None
+        self._removed(key)
+        return entry[1]
 
     def put(self, key: K, value: V, now: float, lifetime: float) -> None:
         """Insert (or overwrite) for ``lifetime`` seconds from ``now``; at the cap the first to expire goes."""
@@ -50,7 +64,7 @@ class ExpiringMap(Generic[K, V]):
             queue = self._queues[lifetime] = deque()
         queue.append((expires_at, key))
         self._queued += 1
-        if self._queued > 2 * self.cap:  # overwrites and pops left stale queue entries: compact
+        if self._queued > 2 * len(items) + self.cap // 8:  # stale entries outnumber the live ones: compact
             self._compact()
 
     def replace(self, key: K, old: V, new: V) -> None:
@@ -72,8 +86,13 @@ class ExpiringMap(Generic[K, V]):
             if queue and (first is None or queue[0][0] < first[0][0]):
                 first = queue
         if first is not None:
-            del self._items[first.popleft()[1]]
+            key = first.popleft()[1]
+            del self._items[key]
             self._queued -= 1
+            self._removed(key)
+
+    def _removed(self, key: K) -> None:
+        """``key`` left the map (expired, dropped at the cap, popped): for a subclass's own bookkeeping."""
 
     def _compact(self) -> None:
         live = self._live
@@ -94,3 +113,43 @@ class ExpiringMap(Generic[K, V]):
                 entry = items.get(key)
                 if entry is not None and entry[0] == expires_at:
                     del items[key]
+                    self._removed(key)
+
+
+class PeerWindowedMap(ExpiringMap[tuple[P, Hashable], V]):
+    """An ExpiringMap of ``(peer, id)`` keys that also keeps at most ``window`` entries per peer, the newest.
+
+    Each peer's window holds ``(expires_at, key)`` in insertion order; an entry that left the map by other
+    means stays there, stale, until it reaches the front (so a window may hold a few fewer live entries).
+    """
+
+    def __init__(self, cap: int, window: int) -> None:
+        super().__init__(cap)
+        self.window = window
+        self._windows: dict[P, deque[tuple[float, tuple[P, Hashable]]]] = {}
+
+    def put(self, key: tuple[P, Hashable], value: V, now: float, lifetime: float) -> None:
+        super().put(key, value, now, lifetime)
+        if self.window <= 0:  # no per-peer bound
+            return
+        window = self._windows.get(key[0])
+        if window is None:
+            window = self._windows[key[0]] = deque()
+        window.append((now + lifetime, key))
+        if len(window) > self.window:
+            expires_at, oldest = window.popleft()
+            if self._live(expires_at, oldest):
+                del self._items[oldest]
+            self._trim(key[0], window)
+
+    def _removed(self, key: tuple[P, Hashable]) -> None:
+        window = self._windows.get(key[0])
+        if window is not None:
+            self._trim(key[0], window)
+
+    def _trim(self, peer: P, window: deque[tuple[float, tuple[P, Hashable]]]) -> None:
+        """Drop the window's stale front; an empty window goes (peers come and go: NAT rebinding)."""
+        while window and not self._live(*window[0]):
+            window.popleft()
+        if not window:
+            del self._windows[peer]
