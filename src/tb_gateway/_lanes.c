@@ -1349,6 +1349,18 @@ seen_put(PyObject *seen, PyObject *key, PyObject *value, double now, PyObject *l
                          ? NULL
                          : PyObject_CallMethodOneArg(queue, append_name, queued);
     count = none == NULL ? -1 : count - dropped + 1;
+    while (count >= 0) { /* a stale front goes now (ExpiringMap.put); the new entry, at the back, is live */
+        PyObject *head = PySequence_GetItem(queue, 0);
+        int live = head == NULL ? -1 : seen_live(items, head);
+        Py_XDECREF(head);
+        PyObject *gone = live == 0 ? PyObject_CallMethodNoArgs(queue, popleft_name_) : NULL;
+        if (live != 0 || gone == NULL) {
+            count = live > 0 ? count : -1;
+            break;
+        }
+        Py_DECREF(gone);
+        count--;
+    }
     if (count >= 0 && set_ssize(seen, queued_name, count) == 0) {
         rc = count > 2 * PyDict_GET_SIZE(items) + cap / 8 ? call_method_none(seen, compact_name, NULL, 0) : 0;
     }

@@ -14,8 +14,8 @@ peer's oldest even before it expires, as Californium's ``PEERS_MARK_AND_SWEEP`` 
 peer by default there too): a device retransmits only its latest messages (NSTART is 1), so older ones need
 no memory. Without it a busy gateway keeps ``cap`` entries whatever its peers: 100,000 at 75k messages/s,
 ~30 MB that every lookup reaches into through cache misses (CoAP throughput 79k -> 100k/s with 2,000).
-Entries left stale in the queues by windows, pops and overwrites are compacted away once they outnumber
-the live ones by more than an eighth of the cap.
+Entries left stale in the queues by windows, pops and overwrites leave as they reach the front of their
+queue at the next ``put``, or in a compaction once they outnumber the live ones by an eighth of the cap.
 """
 
 from __future__ import annotations
@@ -64,6 +64,9 @@ class ExpiringMap(Generic[K, V]):
             queue = self._queues[lifetime] = deque()
         queue.append((expires_at, key))
         self._queued += 1
+        while not self._live(*queue[0]):  # a stale front goes now, not all at once in a compaction (latency)
+            queue.popleft()
+            self._queued -= 1
         if self._queued > 2 * len(items) + self.cap // 8:  # stale entries outnumber the live ones: compact
             self._compact()
 
