@@ -671,6 +671,72 @@ def test_notifications_in_flight_are_capped_and_observers_are_capped():
     assert response.option(Option.OBSERVE) is None  # not registered, and the client can tell
 
 
+def test_an_observer_silent_for_a_day_is_pinged_and_a_reset_keeps_it():
+    """RFC 7252 §4.3: an empty CON asks "are you there"; any CoAP endpoint answers it with a RST."""
+    ep = endpoint(observer_check_s=100.0)
+    observation, _ = register(ep, now=0.0)
+    assert ep.get_timer() == pytest.approx(100.0)
+    assert ep.handle_timer(100.0) == []
+    [ping] = sent(ep)
+    assert (ping.type, ping.code, ping.token, ping.payload) == (CON, Code.EMPTY, b"", b"")
+    assert ep.receive_datagram(encode(Message(RST, Code.EMPTY, ping.mid)), PEER, 101.0) == []
+    assert observation.active and ep.stats()["observations"] == 1
+    assert ep.handle_timer(150.0) == [] and sent(ep) == []  # answered: no retransmission
+    assert ep.get_timer() == pytest.approx(200.0)  # the next check, a period after the ping
+    assert ep.handle_timer(200.0) == [] and sent(ep) == []  # heard at 101 (the RST): due at 201
+    ep.handle_timer(201.0)
+    [again] = sent(ep)
+    assert again.code == Code.EMPTY and again.mid != ping.mid
+    assert ep.receive_datagram(encode(Message(ACK, Code.EMPTY, again.mid)), PEER, 200.5) == []  # ACK: alive too
+    assert observation.active
+
+
+def test_an_observer_that_vanished_is_dropped_after_the_ping_s_retransmissions():
+    ep = endpoint(observer_check_s=100.0)
+    observation, _ = register(ep, now=0.0)
+    ep.handle_timer(100.0)
+    [ping] = sent(ep)
+    events: list[object] = []
+    now = 100.0
+    while (when := ep.get_timer()) is not None and when < 400.0:
+        now = when
+        events += ep.handle_timer(now)
+        for message in sent(ep):
+            assert message.mid == ping.mid and message.code == Code.EMPTY  # the same ping, retransmitted
+    assert events == [ObservationCancelled(observation, "timeout")]
+    assert now == pytest.approx(100.0 + 2.0 * (1 + 2 + 4 + 8 + 16))  # MAX_RETRANSMIT 4: 62 s later
+    assert not observation.active and ep.stats()["observations"] == 0 and ep.stats()["outgoing"] == 0
+
+
+def test_an_acknowledged_notification_or_one_in_flight_postpones_the_ping():
+    ep = endpoint(observer_check_s=100.0)
+    observation, _ = register(ep, now=0.0)
+    mid = ep.notify(observation, 50.0, Code.CONTENT, b"x")
+    sent(ep)
+    ep.receive_datagram(encode(Message(ACK, Code.EMPTY, mid)), PEER, 60.0)
+    assert ep.handle_timer(100.0) == [] and sent(ep) == []  # heard at 60: due at 160
+    assert ep.get_timer() == pytest.approx(160.0)
+    ep.notify(observation, 159.0, Code.CONTENT, b"y")  # unacknowledged yet: its own timeout tells
+    sent(ep)
+    ep.handle_timer(160.0)
+    assert sent(ep) == []
+    ep.receive_datagram(encode(Message(RST, Code.EMPTY, 0)), PEER, 161.0)  # a stray RST changes nothing
+    assert observation.active
+
+
+def test_the_liveness_schedule_stays_bounded_under_registration_churn():
+    ep = endpoint(observer_check_s=100.0)
+    for n in range(5_000):  # register and deregister with ever new tokens
+        token = n.to_bytes(3, "big")
+        register(ep, token=token, mid=n % 60_000, now=float(n) / 1000)
+        options = ((Option.OBSERVE, b"\x01"), (Option.URI_PATH, b"temperature"))
+        ep.receive_datagram(request(code=Code.GET, mid=(n + 30_000) % 60_000, token=token, options=options), PEER, 0)
+    assert ep.stats()["observations"] == 0
+    assert len(ep._checks) <= 1024 + 1  # ended observations' entries are dropped as they pile up
+    ep.get_timer()
+    assert ep._checks == []  # and the rest as the timer looks at them: ended observations are never pinged
+
+
 # ---------------------------------------------------------------- robustness
 
 

@@ -796,6 +796,34 @@ def test_a_registration_beyond_the_observer_cap_is_answered_without_observe(tmp_
     run(main())
 
 
+def test_an_idle_observer_is_pinged_kept_when_it_answers_and_dropped_when_it_has_vanished(tmp_path: Path) -> None:
+    """docs/coap.md Limits: an observer not heard from for ``observer_check_s`` gets an empty CON; a RST keeps
+    its observation (and its downlink session), silence through the retransmissions ends both."""
+
+    async def main() -> None:
+        config = EndpointConfig(observer_check_s=0.3, ack_timeout_s=0.1, max_retransmit=1)
+        async with serving(tmp_path, config=config, downlink=True) as (api, server, client, _):
+            client.send(Message(CON, Code.GET, 1, b"oA", ((Option.OBSERVE, b""), *RPC)))
+            assert (await client.recv()).code == Code.VALID
+            ping = await client.recv(within=2.0)
+            assert (ping.type, ping.code, ping.token, ping.payload) == (CON, Code.EMPTY, b"", b"")
+            client.send(Message(RST, Code.EMPTY, ping.mid))  # what any CoAP endpoint answers to a ping
+            await asyncio.sleep(0.2)
+            assert subscriptions(api, "rpc") == 1 and len(list(server.endpoint.observations())) == 1
+            assert api.downlink is not None
+            api.downlink.send_rpc("id-thermostat-1", "still-there", {})
+            notification = await client.recv()
+            assert orjson.loads(notification.payload)["method"] == "still-there"
+            client.send(Message(ACK, Code.EMPTY, notification.mid))
+            again = await client.recv(within=2.0)  # the next check: now the device says nothing
+            assert again.code == Code.EMPTY and again.mid != ping.mid
+            assert (await client.recv(within=1.0)).mid == again.mid  # retransmitted once (MAX_RETRANSMIT 1)
+            await asyncio.sleep(1.0)  # the retransmission's timeout is 0.2-0.3 s: given up by now
+            assert subscriptions(api, "rpc") == 0 and list(server.endpoint.observations()) == []
+
+    run(main())
+
+
 def observe(feature: tuple[tuple[int, bytes], ...], mid: int, token: bytes) -> Message:
     return Message(CON, Code.GET, mid, token, ((Option.OBSERVE, b""), *feature))
 

@@ -49,6 +49,16 @@ class Cli(threading.Thread):
         return self.result
 
 
+def observe_rpc(gateway: GatewayProcess, verbosity: int) -> subprocess.Popen[str]:
+    """libcoap observing the device's RPC resource for 30 s, its log on stdout."""
+    return subprocess.Popen(
+        ["coap-client-notls", "-v", str(verbosity), "-w", "-s", "30", "-B", "30", "-m", "get", uri(gateway, "rpc")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
 def read_until(proc: subprocess.Popen[str], needle: str, timeout_s: float = 20.0) -> str:
     """Lines of a running libcoap client until one contains ``needle``."""
     assert proc.stdout is not None
@@ -73,12 +83,7 @@ def test_libcoap_observes_rpc_and_replies(gateway_factory: GatewayFactory) -> No
     gateway = start(gateway_factory)
     pending = Cli(gateway, "thermostat-1", "setGpio", '{"pin": 4, "value": 1}', "--timeout", "30")
     time.sleep(0.5)  # sent before the device observes: it waits for it
-    observer = subprocess.Popen(
-        ["coap-client-notls", "-v", "6", "-w", "-s", "30", "-B", "30", "-m", "get", uri(gateway, "rpc")],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    observer = observe_rpc(gateway, verbosity=6)
     try:
         seen = read_until(observer, '"method":"setGpio"')
         assert "c:2.03" in seen, seen  # the registration is answered 2.03 Valid
@@ -120,6 +125,23 @@ def test_libcoap_observes_rpc_and_replies(gateway_factory: GatewayFactory) -> No
         observer.communicate()  # waits, and closes the pipe
     steps = [(r["values"]["id"], r["values"]["status"], r["transport"]) for r in records(gateway, "rpc_response")]
     assert steps == [(1, "delivered", "coap"), (1, "replied", "coap"), (2, "delivered", "coap")]
+
+
+def test_libcoap_answers_the_observer_pings_and_keeps_its_observation(gateway_factory: GatewayFactory) -> None:
+    """COAP_OBSERVER_CHECK_SECONDS (docs/coap.md Limits): a real client answers the empty CON with a RST, and its
+    observation, pinged several times, still carries RPCs."""
+    gateway = start(gateway_factory, COAP_OBSERVER_CHECK_SECONDS="1")
+    observer = observe_rpc(gateway, verbosity=7)  # 7: libcoap logs every PDU, the pings among them
+    try:
+        read_until(observer, "c:2.03")
+        time.sleep(3.5)  # three checks, each a ping answered
+        late = Cli(gateway, "thermostat-1", "afterPings", "--oneway", "--timeout", "30")
+        seen = read_until(observer, '"method":"afterPings"')
+        assert late.outcome().stdout.strip() == "delivered"
+        assert seen.count("t:CON c:0.00") >= 2, seen  # the pings, as libcoap logs them
+    finally:
+        observer.kill()
+        observer.communicate()
 
 
 def test_rpc_observe_needs_observe_and_a_known_token(gateway_factory: GatewayFactory) -> None:

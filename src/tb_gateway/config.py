@@ -100,6 +100,7 @@ class Settings(BaseSettings):
     coap_bind_address: str = "0.0.0.0"
     coap_bind_port: Port = 5683
     coap_piggyback_timeout_ms: Positive = 500  # ThingsBoard's COAP_PIGGYBACK_TIMEOUT
+    coap_observer_check_seconds: PositiveSeconds = 86_400.0  # a silent observer is pinged (RFC 7641 §4.5: 24 h)
 
     # --- Kafka (seed) ---
     kafka_enabled: bool = True

@@ -99,6 +99,10 @@ class EndpointConfig:
     max_block_transfers: int = 1_000  # concurrent Block1 uploads; with max_body_bytes bounds their memory
     block_lifetime_s: float = 60.0  # an abandoned upload is dropped after this
     max_observations: int = 100_000  # registered observers; beyond it a GET Observe=0 is answered unobserved
+    # an observer not heard from for this long (no registration, no ACK of a notification) is pinged with an
+    # empty CON: a RST (or ACK) proves it alive; no answer after MAX_RETRANSMIT ends its observation, as an
+    # unacknowledged CON notification does. RFC 7641 §4.5 asks for a CON at least every 24 hours.
+    observer_check_s: float = 86_400.0
     max_notifications_in_flight: int = 8  # unacknowledged CON notifications per observer
     housekeeping_s: float = 1.0  # expiry sweeps run at most this often (keeps timer wake-ups rare)
 
@@ -109,9 +113,10 @@ PENDING, SEPARATE, ANSWERED = 0, 1, 2
 class Observation:
     """A registered observer: one client address and token for one resource (RFC 7641 §3.1)."""
 
-    __slots__ = ("active", "addr", "confirmable", "in_flight", "path", "query", "seq", "token")
+    __slots__ = ("active", "addr", "confirmable", "heard", "in_flight", "path", "query", "seq", "token")
 
     def __init__(self, addr: Address, token: bytes, path: tuple[str, ...], query: tuple[str, ...], con: bool):
+        self.heard = 0.0  # when the client last showed it is there (registration, ACK, answered ping)
         self.addr = addr
         self.token = token
         self.path = path
@@ -186,7 +191,7 @@ class RequestReceived:
 @dataclass(frozen=True, slots=True)
 class ObservationCancelled:
     observation: Observation
-    reason: str  # "deregistered" (GET Observe=1), "reset" (RST), "timeout" (CON notification never ACKed)
+    reason: str  # "deregistered" (GET Observe=1), "reset" (RST), "timeout" (CON notification or ping never ACKed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,9 +239,9 @@ _BLOCK1_REASONS = {
 
 
 class _Outgoing:
-    """A CON we sent (separate response or notification), retransmitted until ACKed."""
+    """A CON we sent (separate response, notification or ping), retransmitted until ACKed."""
 
-    __slots__ = ("addr", "attempts", "datagram", "done", "exchange", "mid", "observation", "timeout")
+    __slots__ = ("addr", "attempts", "datagram", "done", "exchange", "mid", "observation", "ping", "timeout")
 
     def __init__(self, addr: Address, mid: int, datagram: bytes, timeout: float) -> None:
         self.addr = addr
@@ -247,6 +252,7 @@ class _Outgoing:
         self.done = False
         self.exchange: Exchange | None = None
         self.observation: Observation | None = None
+        self.ping: Observation | None = None  # an empty CON asking whether this observer is still there
 
 
 class Endpoint:
@@ -268,6 +274,9 @@ class Endpoint:
         self._outgoing: dict[tuple[Address, int], _Outgoing] = {}
         self._retransmit: list[tuple[float, int, _Outgoing]] = []
         self._observations: dict[tuple[Address, bytes], Observation] = {}
+        # (due, n, observation): when to check each observer is still there (lazy: due again is pushed again)
+        self._checks: list[tuple[float, int, Observation]] = []
+        self._check_n = 0
         self._recent_non: ExpiringMap[tuple[Address, int], Observation] = ExpiringMap(config.max_observations)
         self._blocks = Reassembler(config.max_body_bytes, config.max_block_transfers, config.block_lifetime_s)
         # (peer, path, query) -> (code, body, options) of the last answer or notification sent in blocks there,
@@ -390,10 +399,14 @@ class Endpoint:
         if out is None:
             return []
         out.done = True
+        if out.ping is not None:  # an ACK instead of the RST a ping expects: alive all the same
+            out.ping.heard = now
+            return []
         observation = out.observation
         if observation is None:
             return []
         observation.in_flight -= 1
+        observation.heard = now
         return [NotificationAcknowledged(observation, out.mid)]
 
     def _on_reset(self, msg: Message, addr: Address, now: float) -> list[Event]:
@@ -401,6 +414,10 @@ class Endpoint:
             return []
         key = (addr, msg.mid)
         out = self._outgoing.pop(key, None)
+        if out is not None and out.ping is not None:  # the answer a ping asks for (RFC 7252 §4.3): alive
+            out.done = True
+            out.ping.heard = now
+            return []
         if out is not None:
             out.done = True
             # a Reset of a separate registration response ends the observation too (RFC 7641 §3.6)
@@ -489,7 +506,8 @@ class Endpoint:
         key = (exchange.addr, exchange.token)
         observation = self._observations.get(key)
         path, query = exchange.path, exchange.query
-        if observation is not None and (observation.path != path or observation.query != query):
+        renewed = observation is not None and observation.path == path and observation.query == query
+        if observation is not None and not renewed:
             old, observation = observation, Observation(exchange.addr, exchange.token, path, query, False)
             old.active = False  # its CON notifications in flight are dropped, not retransmitted
             observation.seq = old.seq  # same token: the client's sequence numbers keep increasing
@@ -501,6 +519,9 @@ class Endpoint:
             self._observations[key] = observation
         observation.confirmable = exchange.confirmable
         observation.seq = (observation.seq + 1) & 0xFFFFFF
+        observation.heard = exchange.received_at
+        if not renewed:  # a new observation: its liveness checks start
+            self._schedule_check(observation, exchange.received_at + self.config.observer_check_s)
         exchange.observation = observation
         return observation
 
@@ -568,6 +589,11 @@ class Endpoint:
             when = heap[0][0]
         if (self._seen or self._blocks or self._recent_non or self._bodies) and (when is None or self._sweep_at < when):
             when = self._sweep_at
+        checks = self._checks
+        while checks and not checks[0][2].active:
+            heapq.heappop(checks)
+        if checks and (when is None or checks[0][0] < when):
+            when = checks[0][0]
         return when
 
     def handle_timer(self, now: float) -> list[Event]:
@@ -587,12 +613,38 @@ class Endpoint:
             _, _, out = heapq.heappop(heap)
             if not out.done:
                 self._retransmit_or_give_up(out, now, events)
+        self._check_observers(now)
         if now >= self._sweep_at:
             self._sweep(now)
         return events
 
+    def _check_observers(self, now: float) -> None:
+        """Ping each observer due for a check (not heard from for ``observer_check_s``, nothing in flight)."""
+        checks, every = self._checks, self.config.observer_check_s
+        while checks and checks[0][0] <= now:
+            _, _, observation = heapq.heappop(checks)
+            if not observation.active:
+                continue
+            if observation.heard + every > now:  # heard from since this check was scheduled
+                self._schedule_check(observation, observation.heard + every)
+                continue
+            if not observation.in_flight:  # else a CON notification in flight tells by itself
+                observation.heard = now  # the ping's own timeout decides from here
+                datagram = encode(Message(CON, Code.EMPTY, mid := self._new_mid()))
+                self._send_confirmable(observation.addr, mid, datagram, now).ping = observation
+                self._outbox.append((datagram, observation.addr))
+            self._schedule_check(observation, now + every)
+
+    def _schedule_check(self, observation: Observation, due: float) -> None:
+        checks = self._checks
+        if len(checks) > 2 * len(self._observations) + 1024:  # ended observations' entries: drop them
+            checks[:] = [entry for entry in checks if entry[2].active]
+            heapq.heapify(checks)
+        self._check_n += 1
+        heapq.heappush(checks, (due, self._check_n, observation))
+
     def _retransmit_or_give_up(self, out: _Outgoing, now: float, events: list[Event]) -> None:
-        observation = out.observation
+        observation = out.observation or out.ping
         if observation is not None and not observation.active:
             out.done = True
             self._outgoing.pop((out.addr, out.mid), None)
@@ -605,6 +657,10 @@ class Endpoint:
             return
         out.done = True
         self._outgoing.pop((out.addr, out.mid), None)
+        if out.ping is not None:  # the observer is gone without a word
+            self._drop_observation(out.ping)
+            events.append(ObservationCancelled(out.ping, "timeout"))
+            return
         if observation is not None:
             observation.in_flight -= 1
             self._drop_observation(observation)

@@ -127,6 +127,7 @@ class CoapServer:
             or EndpointConfig(
                 piggyback_timeout_s=settings.coap_piggyback_timeout_ms / 1000,
                 max_body_bytes=settings.max_payload_size,
+                observer_check_s=settings.coap_observer_check_seconds,
             )
         )
         self._max_payload = self.endpoint.config.max_body_bytes
