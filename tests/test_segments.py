@@ -655,7 +655,8 @@ def test_the_space_ahead_of_the_tail_is_zeroed_so_appends_sync_no_extent_changes
     segment = only_segment(tmp_path)
     if unwritten_ranges(segment) is None or not unwritten_ranges(segment):
         pytest.skip("this filesystem does not report reserved extents")
-    batches = [payloads(b, [200] * 40) for b in range(300)]  # about 2.9 MiB in 300 appends
+    count = int(2.5 * ahead) // (40 * (200 + segments.HEADER.size)) + 1
+    batches = [payloads(b, [200] * 40) for b in range(count)]  # about 2.5 ZERO_AHEAD
     for batch in batches:
         reserved, tail, zeroings = unwritten_ranges(segment) or [], writer._cursor.offset, len(zero_writes)
         writer.append(batch)
@@ -664,7 +665,7 @@ def test_the_space_ahead_of_the_tail_is_zeroed_so_appends_sync_no_extent_changes
     assert len(zero_writes) == 3  # once per ZERO_AHEAD, not per append
     tail = writer._cursor.offset
     writer.close()
-    reopened = written(tmp_path, [payloads(300, [5])], segment_bytes=8 * ahead)  # mid-segment after a restart
+    reopened = written(tmp_path, [payloads(count, [5])], segment_bytes=8 * ahead)  # mid-segment after a restart
     reopened.close()
-    assert entries(tmp_path) == [p for batch in batches for p in batch] + payloads(300, [5])
+    assert entries(tmp_path) == [p for batch in batches for p in batch] + payloads(count, [5])
     assert zero_writes[-1] >= tail and all(start >= tail + ahead for start, _ in unwritten_ranges(segment) or [])
