@@ -1,6 +1,6 @@
 """`make bench`: run the benchmarks, print a table of figures and ratios, save JSON under bench/results/.
 
-python -m bench [--only mqtt,coap,http,idle,kafka,workers,floor] [--seconds 10]
+python -m bench [--only mqtt,coap,http,idle,kafka,workers,floor,storecost] [--seconds 10]
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ SCENARIOS: dict[str, tuple[str, str]] = {
     "kafka": ("bench.kafka_bench", "throughput"),
     "workers": ("bench.workers_bench", "throughput"),  # WORKERS=2 vs 1 (docs/scale-out.md)
     "floor": ("bench.floor", "throughput"),  # Python + uvloop doing nothing else, against the references
+    "storecost": ("bench.store_cost", "throughput"),  # HTTP with the store's write cut short at each point
 }
 
 
