@@ -19,7 +19,7 @@
 static PyObject *limiter_name, *downlink_name, *states_name, *id_name, *active_name, *last_activity_name,
     *activity_name, *value_name, *pipeline_name, *closing_name, *queue_name, *tickets_name, *max_queue_name,
     *event_loop_name, *deliver_then_name, *kick_due_name, *kick_name, *append_name, *pending_name,
-    *outcome_name, *then_name, *activity_seen_name, *now_ms_name, *loop_kwnames;
+    *outcome_name, *then_name, *activity_seen_name, *now_ms_name, *loop_key, *empty_args;
 static PyObject *one;
 
 typedef struct {
@@ -35,43 +35,29 @@ typedef struct {
     PyObject *loads;       /* orjson.loads */
     PyObject *ticket_type; /* pipeline.Ticket */
     PyObject *delivered;   /* Outcome.DELIVERED */
+    PyObject *loop_kwargs; /* {"loop": the pipeline's loop}: Ticket(loop=loop) without a dict per call */
     int type_cast;
     Py_ssize_t max_string;
 } IngestObject;
 
-/* obj.name is True (1), anything else (0), or an error (-1) */
-static int
-attr_is_true(PyObject *obj, PyObject *name)
-{
-    PyObject *value = PyObject_GetAttr(obj, name);
-    if (value == NULL) {
-        return -1;
-    }
-    int is_true = value == Py_True;
-    Py_DECREF(value);
-    return is_true;
-}
-
-/* obj.name is None (1), anything else (0), or an error (-1) */
-static int
-attr_is_none(PyObject *obj, PyObject *name)
-{
-    PyObject *value = PyObject_GetAttr(obj, name);
-    if (value == NULL) {
-        return -1;
-    }
-    int is_none = value == Py_None;
-    Py_DECREF(value);
-    return is_none;
-}
+/* obj.name is what (1), anything else (0), or an error (-1); through the call site's attribute cache */
+#define ATTR_IS(obj, name, what)                                                                              \
+    __extension__({                                                                                            \
+        PyObject *value_ = GETATTR((obj), (name));                                                             \
+        int is_ = value_ == NULL ? -1 : value_ == (what);                                                      \
+        Py_XDECREF(value_);                                                                                    \
+        is_;                                                                                                   \
+    })
+#define attr_is_true(obj, name) ATTR_IS(obj, name, Py_True)
+#define attr_is_none(obj, name) ATTR_IS(obj, name, Py_None)
 
 /* counter.value += 1 (fastmetrics' CounterChild.inc() without its frame) */
 static int
 count_one(PyObject *counter)
 {
-    PyObject *value = PyObject_GetAttr(counter, value_name);
+    PyObject *value = GETATTR(counter, value_name);
     PyObject *sum = value == NULL ? NULL : PyNumber_Add(value, one);
-    int rc = sum == NULL ? -1 : PyObject_SetAttr(counter, value_name, sum);
+    int rc = sum == NULL ? -1 : SETATTR(counter, value_name, sum);
     Py_XDECREF(value);
     Py_XDECREF(sum);
     return rc;
@@ -82,19 +68,19 @@ count_one(PyObject *counter)
 int
 mark_active(PyObject *downlink, PyObject *device, PyObject *transport, PyObject *now)
 {
-    PyObject *states = PyObject_GetAttr(downlink, states_name);
+    PyObject *states = GETATTR(downlink, states_name);
     if (states == NULL) {
         return -1;
     }
     int done = 0;
     if (PyDict_CheckExact(states)) {
-        PyObject *id = PyObject_GetAttr(device, id_name);
+        PyObject *id = GETATTR(device, id_name);
         PyObject *known = id == NULL ? NULL : PyDict_GetItemWithError(states, id); /* borrowed */
         Py_XDECREF(id);
         if (known != NULL) {
             Py_INCREF(known);
             int active = attr_is_true(known, active_name);
-            done = active < 0 ? -1 : active && PyObject_SetAttr(known, last_activity_name, now) < 0 ? -1 : active;
+            done = active < 0 ? -1 : active && SETATTR(known, last_activity_name, now) < 0 ? -1 : active;
             Py_DECREF(known);
         }
         else if (PyErr_Occurred()) {
@@ -124,12 +110,12 @@ submit_one(IngestObject *self, PyObject *pipeline, PyObject *record)
     if (attr_is_none(pipeline, deliver_then_name) != 0) {
         return NULL; /* a plain sink: submit wakes the batching task instead */
     }
-    PyObject *limit = PyObject_GetAttr(pipeline, max_queue_name);
+    PyObject *limit = GETATTR(pipeline, max_queue_name);
     Py_ssize_t max_queue = limit == NULL ? -1 : PyLong_AsSsize_t(limit);
     Py_XDECREF(limit);
-    queue = PyObject_GetAttr(pipeline, queue_name);
-    tickets = queue == NULL ? NULL : PyObject_GetAttr(pipeline, tickets_name);
-    loop = tickets == NULL ? NULL : PyObject_GetAttr(pipeline, event_loop_name);
+    queue = GETATTR(pipeline, queue_name);
+    tickets = queue == NULL ? NULL : GETATTR(pipeline, tickets_name);
+    loop = tickets == NULL ? NULL : GETATTR(pipeline, event_loop_name);
     if (loop == NULL || PyErr_Occurred() || loop == Py_None) {
         goto done;
     }
@@ -137,20 +123,25 @@ submit_one(IngestObject *self, PyObject *pipeline, PyObject *record)
     if (depth < 0 || depth + 1 > max_queue) {
         goto done;
     }
-    PyObject *args[] = {NULL, loop};
-    ticket = PyObject_Vectorcall(self->ticket_type, args + 1, 0 | PY_VECTORCALL_ARGUMENTS_OFFSET, loop_kwnames);
-    if (ticket == NULL || PyObject_SetAttr(ticket, pending_name, one) < 0 ||
-        PyObject_SetAttr(ticket, outcome_name, self->delivered) < 0 || PyObject_SetAttr(ticket, then_name, Py_None) < 0) {
+    /* Ticket(loop=loop) as type_call makes it (tp_new, then tp_init), with one kwargs dict kept for it */
+    PyTypeObject *ticket_type = (PyTypeObject *)self->ticket_type;
+    PyObject *kept = PyDict_GetItemWithError(self->loop_kwargs, loop_key); /* borrowed */
+    if ((kept != loop && (PyErr_Occurred() || PyDict_SetItem(self->loop_kwargs, loop_key, loop) < 0)) ||
+        (ticket = ticket_type->tp_new(ticket_type, empty_args, NULL)) == NULL) {
+        goto done;
+    }
+    if (ticket_type->tp_init(ticket, empty_args, self->loop_kwargs) < 0 || SETATTR(ticket, pending_name, one) < 0 ||
+        SETATTR(ticket, outcome_name, self->delivered) < 0 || SETATTR(ticket, then_name, Py_None) < 0) {
         Py_CLEAR(ticket);
         goto done;
     }
-    none = PyObject_CallMethodOneArg(queue, append_name, record);
+    none = CALL1(queue, append_name, record);
     if (none == NULL) {
         Py_CLEAR(ticket);
         goto done;
     }
     Py_DECREF(none);
-    none = PyObject_CallMethodOneArg(tickets, append_name, ticket);
+    none = CALL1(tickets, append_name, ticket);
     if (none == NULL) { /* the record is queued without its ticket: as broken as Python's submit would be */
         Py_CLEAR(ticket);
         goto done;
@@ -205,7 +196,7 @@ ingest_fast(IngestObject *self, PyObject *device, PyObject *kind, PyObject *payl
         goto done;
     }
     if (!activity_seen) {
-        downlink = PyObject_GetAttr(self->api, downlink_name);
+        downlink = GETATTR(self->api, downlink_name);
         if (downlink == NULL || (downlink != Py_None && mark_active(downlink, device, transport, now) < 0)) {
             goto done;
         }
@@ -213,7 +204,7 @@ ingest_fast(IngestObject *self, PyObject *device, PyObject *kind, PyObject *payl
     PyObject *group = PyList_GET_ITEM(groups, 0);
     PyObject *args[] = {device, kind, PyTuple_GET_ITEM(group, 0), PyTuple_GET_ITEM(group, 1), transport, now};
     record = PyObject_Vectorcall(self->make_record, args, 6, NULL);
-    pipeline = record == NULL ? NULL : PyObject_GetAttr(self->api, pipeline_name);
+    pipeline = record == NULL ? NULL : GETATTR(self->api, pipeline_name);
     if (pipeline == NULL) {
         goto done;
     }
@@ -286,6 +277,7 @@ ingest_traverse(IngestObject *self, visitproc visit, void *arg)
     Py_VISIT(self->loads);
     Py_VISIT(self->ticket_type);
     Py_VISIT(self->delivered);
+    Py_VISIT(self->loop_kwargs);
     return 0;
 }
 
@@ -302,6 +294,7 @@ ingest_clear(IngestObject *self)
     Py_CLEAR(self->loads);
     Py_CLEAR(self->ticket_type);
     Py_CLEAR(self->delivered);
+    Py_CLEAR(self->loop_kwargs);
     return 0;
 }
 
@@ -343,6 +336,16 @@ ingest_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     Py_INCREF(self->loads);
     Py_INCREF(self->ticket_type);
     Py_INCREF(self->delivered);
+    if (!PyType_Check(self->ticket_type)) {
+        PyErr_SetString(PyExc_TypeError, "Ingest: the ticket type must be a type");
+        Py_DECREF(self);
+        return NULL;
+    }
+    self->loop_kwargs = PyDict_New();
+    if (self->loop_kwargs == NULL) {
+        Py_DECREF(self);
+        return NULL;
+    }
     self->type_cast = type_cast;
     self->vectorcall = ingest_vectorcall;
     return (PyObject *)self;
@@ -386,9 +389,13 @@ observe_seconds(PyObject *child, double value)
 {
     PyObject *bounds = NULL, *buckets = NULL, *count = NULL, *sum = NULL, *fresh = NULL;
     int rc = -1;
-    if (_PyObject_LookupAttr(child, bounds_name, &bounds) < 0 ||
-        (bounds != NULL && _PyObject_LookupAttr(child, buckets_name, &buckets) < 0)) {
-        goto done;
+    bounds = GETATTR(child, bounds_name);
+    buckets = bounds == NULL ? NULL : GETATTR(child, buckets_name);
+    if (buckets == NULL) { /* not fastmetrics' HistogramChild: its observe() below */
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            goto done;
+        }
+        PyErr_Clear();
     }
     if (bounds == NULL || buckets == NULL || !PyList_CheckExact(bounds) || !PyList_CheckExact(buckets) ||
         PyList_GET_SIZE(buckets) != PyList_GET_SIZE(bounds) + 1) {
@@ -418,14 +425,14 @@ observe_seconds(PyObject *child, double value)
         goto done;
     }
     PyList_SetItem(buckets, lo, fresh); /* steals it */
-    count = PyObject_GetAttr(child, count_name);
+    count = GETATTR(child, count_name);
     PyObject *counted = count == NULL ? NULL : PyNumber_Add(count, one);
-    int failed = counted == NULL || PyObject_SetAttr(child, count_name, counted) < 0;
+    int failed = counted == NULL || SETATTR(child, count_name, counted) < 0;
     Py_XDECREF(counted);
-    sum = failed ? NULL : PyObject_GetAttr(child, sum_name);
+    sum = failed ? NULL : GETATTR(child, sum_name);
     double total = sum == NULL ? 0.0 : PyFloat_AsDouble(sum);
     PyObject *summed = sum == NULL || PyErr_Occurred() ? NULL : PyFloat_FromDouble(total + value);
-    rc = summed == NULL || PyObject_SetAttr(child, sum_name, summed) < 0 ? -1 : 0;
+    rc = summed == NULL || SETATTR(child, sum_name, summed) < 0 ? -1 : 0;
     Py_XDECREF(summed);
 done:
     Py_XDECREF(bounds);
@@ -449,19 +456,19 @@ route_entry(PyObject *credentials, PyObject *kind)
     return entry;
 }
 
-/* api.known_device(credentials, transport, address): the device, or None */
+/* api.known_device(credentials, transport, address): the device, or None; now: monotonic_s(), read by the caller */
 static PyObject *
 lookup_device(PyObject *api, PyObject *usual, PyObject *credentials, PyObject *hash, PyObject *transport,
-              PyObject *address)
+              PyObject *address, double now)
 {
-    PyObject *known = PyObject_GetAttr(api, known_device_name);
+    PyObject *known = GETATTR(api, known_device_name);
     if (known == NULL) {
         return NULL;
     }
     PyObject *auth = known == usual && PyMethod_Check(known) ? PyMethod_GET_SELF(known) : NULL;
-    PyObject *blocklist = auth == NULL ? NULL : PyObject_GetAttr(auth, blocklist_name);
-    PyObject *clock = blocklist == NULL ? NULL : PyObject_GetAttr(auth, clock_name);
-    PyObject *cache = clock == NULL ? NULL : PyObject_GetAttr(auth, cache_name);
+    PyObject *blocklist = auth == NULL ? NULL : GETATTR(auth, blocklist_name);
+    PyObject *clock = blocklist == NULL ? NULL : GETATTR(auth, clock_name);
+    PyObject *cache = clock == NULL ? NULL : GETATTR(auth, cache_name);
     PyObject *result = NULL;
     if (PyErr_Occurred()) {
         goto done;
@@ -474,8 +481,8 @@ lookup_device(PyObject *api, PyObject *usual, PyObject *credentials, PyObject *h
             goto done;
         }
         Py_INCREF(entry);
-        PyObject *identity = PyObject_GetAttr(entry, identity_name);
-        PyObject *expires = identity == NULL ? NULL : PyObject_GetAttr(entry, expires_at_name);
+        PyObject *identity = GETATTR(entry, identity_name);
+        PyObject *expires = identity == NULL ? NULL : GETATTR(entry, expires_at_name);
         double at = expires == NULL ? 0.0 : PyFloat_AsDouble(expires);
         Py_DECREF(entry);
         Py_XDECREF(expires);
@@ -483,7 +490,7 @@ lookup_device(PyObject *api, PyObject *usual, PyObject *credentials, PyObject *h
             Py_XDECREF(identity);
             goto done;
         }
-        if (identity == Py_None || at <= monotonic_s()) {
+        if (identity == Py_None || at <= now) {
             Py_DECREF(identity);
             result = Py_NewRef(Py_None);
         }
@@ -541,6 +548,7 @@ typedef struct {
     PyObject *fast;    /* the fast lane's one reusable Request */
     PyObject *address;
     PyObject *settled; /* self._fast_settled, bound once */
+    PyObject *target, *route; /* the last POST target the lane read here and its route: a device posts to one */
     double deadline;
     int timer;
     char busy, paused, write_paused, stopped, closing;
@@ -614,20 +622,20 @@ follow(FastConnectionObject *self, HttpLaneObject *lane, PyObject *request, PyOb
     }
     self->busy = 1;
     if (Py_IS_TYPE(result, (PyTypeObject *)lane->ticket_type)) { /* pipeline.when_settled, its usual case */
-        PyObject *then = PyObject_GetAttr(result, then_name_);
+        PyObject *then = GETATTR(result, then_name_);
         int free = then == Py_None;
         Py_XDECREF(then);
         if (then == NULL) {
             return -1;
         }
-        PyObject *done = free ? PyObject_CallMethodNoArgs(result, done_name_) : NULL;
+        PyObject *done = free ? CALL0(result, done_name_) : NULL;
         if (free && done == NULL) {
             return -1;
         }
         free = free && done == Py_False;
         Py_XDECREF(done);
         if (free) {
-            return PyObject_SetAttr(result, then_name_, self->settled);
+            return SETATTR(result, then_name_, self->settled);
         }
     }
     none = PyObject_CallFunctionObjArgs(lane->when_settled, result, self->settled, NULL);
@@ -652,11 +660,21 @@ fast_read(FastConnectionObject *self, HttpLaneObject *lane, PyObject *data)
     if (!http_post_parse(bytes, size, lane->max_head, &target_end, &body_start)) {
         return 0;
     }
-    PyObject *target = PyBytes_FromStringAndSize(bytes + 5, target_end - 5);
-    PyObject *route = target == NULL ? NULL : post_route(lane, target);
-    Py_XDECREF(target);
-    if (route == NULL) {
-        return -1;
+    Py_ssize_t target_size = target_end - 5;
+    PyObject *route;
+    if (self->target != NULL && self->route != NULL && PyBytes_GET_SIZE(self->target) == target_size &&
+        memcmp(PyBytes_AS_STRING(self->target), bytes + 5, (size_t)target_size) == 0) {
+        route = Py_NewRef(self->route); /* a route depends on the target alone (HttpServer.route) */
+    }
+    else {
+        PyObject *target = PyBytes_FromStringAndSize(bytes + 5, target_size);
+        route = target == NULL ? NULL : post_route(lane, target);
+        if (route == NULL) {
+            Py_XDECREF(target);
+            return -1;
+        }
+        Py_XSETREF(self->target, target);
+        Py_XSETREF(self->route, Py_NewRef(route));
     }
     PyObject *credentials = PyTuple_GET_ITEM(route, 0), *kind = PyTuple_GET_ITEM(route, 1);
     PyObject *hash = PyTuple_GET_ITEM(route, 2);
@@ -667,10 +685,10 @@ fast_read(FastConnectionObject *self, HttpLaneObject *lane, PyObject *data)
         rc = 0;
         goto done;
     }
-    PyObject *limit = PyObject_GetAttr(lane->server, max_payload_name);
+    PyObject *limit = GETATTR(lane->server, max_payload_name);
     Py_ssize_t max_payload = limit == NULL ? -1 : PyLong_AsSsize_t(limit);
     Py_XDECREF(limit);
-    PyObject *draining = PyErr_Occurred() ? NULL : PyObject_GetAttr(lane->server, draining_name);
+    PyObject *draining = PyErr_Occurred() ? NULL : GETATTR(lane->server, draining_name);
     if (draining == NULL) {
         goto done;
     }
@@ -680,27 +698,28 @@ fast_read(FastConnectionObject *self, HttpLaneObject *lane, PyObject *data)
         rc = drain < 0 ? -1 : 0;
         goto done;
     }
+    double now = monotonic_s(); /* the auth cache's clock, and when the request was taken */
     device = lookup_device(lane->api, lane->known_device, credentials, hash, lane->http,
-                           self->address != NULL ? self->address : Py_None);
+                           self->address != NULL ? self->address : Py_None, now);
     if (device == NULL || device == Py_None) {
         rc = device == NULL ? -1 : 0;
         goto done;
     }
     /* taken: from here on the request is the fast lane's */
     lane->taken++;
-    at = PyFloat_FromDouble(monotonic_s());
-    if (at == NULL || PyObject_SetAttr(request, persist_name, lane->keep) < 0 ||
-        PyObject_SetAttr(request, device_attr_name, device) < 0 || PyObject_SetAttr(request, done_at_name, at) < 0) {
+    at = PyFloat_FromDouble(now);
+    if (at == NULL || SETATTR(request, persist_name, lane->keep) < 0 ||
+        SETATTR(request, device_attr_name, device) < 0 || SETATTR(request, done_at_name, at) < 0) {
         goto done;
     }
     self->timer = NO_TIMER;
     self->deadline = 0.0;
-    none = PyObject_CallMethodOneArg(self->queue, append_name, request);
+    none = CALL1(self->queue, append_name, request);
     if (none == NULL) {
         goto done;
     }
     body = PyBytes_FromStringAndSize(bytes + body_start, size - body_start);
-    post = body == NULL ? NULL : PyObject_GetAttr(lane->api, post_name);
+    post = body == NULL ? NULL : GETATTR(lane->api, post_name);
     if (post == NULL) {
         goto done;
     }
@@ -746,9 +765,11 @@ fast_data_received(FastConnectionObject *self, PyObject *data)
         return NULL;
     }
     /* answers whose batch is durable go out now, not at the end of this pass */
-    PyObject *pipeline = PyObject_GetAttr(lane->api, pipeline_name_);
-    PyObject *none = pipeline == NULL ? NULL : PyObject_CallMethodNoArgs(pipeline, poll_name);
+    PyObject *pipeline = GETATTR(lane->api, pipeline_name_);
+    PyObject *poll = pipeline == NULL ? NULL : GETATTR(pipeline, poll_name);
+    PyObject *none = poll == NULL ? NULL : PyObject_CallNoArgs(poll);
     Py_XDECREF(pipeline);
+    Py_XDECREF(poll);
     if (none == NULL) {
         return NULL;
     }
@@ -775,14 +796,14 @@ fast_settled(FastConnectionObject *self, PyObject *future)
 {
     HttpLaneObject *lane = (HttpLaneObject *)self->lane;
     PyObject *request = self->fast, *transport = self->transport;
-    PyObject *cancelled = PyObject_CallMethodNoArgs(future, cancelled_name);
+    PyObject *cancelled = CALL0(future, cancelled_name);
     if (cancelled == NULL) {
         return NULL;
     }
     int plain = cancelled == Py_False;
     Py_DECREF(cancelled);
     if (plain) {
-        PyObject *outcome = PyObject_CallMethodNoArgs(future, result_name_);
+        PyObject *outcome = CALL0(future, result_name_);
         if (outcome == NULL) {
             return NULL;
         }
@@ -793,17 +814,17 @@ fast_settled(FastConnectionObject *self, PyObject *future)
             is_none(self->current) && !is_none(transport) && !is_none(request) && !is_none(self->queue);
     if (plain) {
         int fatal = -1, draining = -1, closing = -1;
-        PyObject *value = PyObject_GetAttr(request, fatal_name);
+        PyObject *value = GETATTR(request, fatal_name);
         if (value != NULL) {
             fatal = PyObject_IsTrue(value);
             Py_DECREF(value);
         }
-        value = fatal != 0 ? NULL : PyObject_GetAttr(lane->server, draining_name);
+        value = fatal != 0 ? NULL : GETATTR(lane->server, draining_name);
         if (value != NULL) {
             draining = PyObject_IsTrue(value);
             Py_DECREF(value);
         }
-        value = draining != 0 ? NULL : PyObject_CallMethodNoArgs(transport, is_closing_name);
+        value = draining != 0 ? NULL : CALL0(transport, is_closing_name);
         if (value != NULL) {
             closing = PyObject_IsTrue(value);
             Py_DECREF(value);
@@ -820,12 +841,12 @@ fast_settled(FastConnectionObject *self, PyObject *future)
     PyObject *result = NULL, *at = NULL, *latency = NULL, *none = NULL, *table = NULL, *popped = NULL, *now = NULL,
              *idle = NULL;
     self->busy = 0;
-    at = PyObject_GetAttr(request, done_at_name);
+    at = GETATTR(request, done_at_name);
     double done_at = at == NULL ? -1.0 : PyFloat_AsDouble(at);
     if (PyErr_Occurred() || observe_seconds(lane->ack_latency, monotonic_s() - done_at) < 0) {
         goto done;
     }
-    table = PyObject_GetAttr(lane->responses, table_name);
+    table = GETATTR(lane->responses, table_name);
     if (table == NULL) {
         goto done;
     }
@@ -837,10 +858,10 @@ fast_settled(FastConnectionObject *self, PyObject *future)
         }
         goto done;
     }
-    none = PyObject_CallMethodOneArg(transport, write_name, ok);
-    popped = none == NULL ? NULL : PyObject_CallMethodNoArgs(self->queue, popleft_name_);
-    now = popped == NULL ? NULL : PyObject_CallMethodNoArgs(self->loop, time_name);
-    idle = now == NULL ? NULL : PyObject_GetAttr(lane->server, idle_timeout_name);
+    none = CALL1(transport, write_name, ok);
+    popped = none == NULL ? NULL : CALL0(self->queue, popleft_name_);
+    now = popped == NULL ? NULL : CALL0(self->loop, time_name);
+    idle = now == NULL ? NULL : GETATTR(lane->server, idle_timeout_name);
     double when = idle == NULL ? 0.0 : PyFloat_AsDouble(now) + PyFloat_AsDouble(idle);
     if (idle == NULL || PyErr_Occurred()) {
         goto done;
@@ -871,6 +892,8 @@ fast_connection_traverse(FastConnectionObject *self, visitproc visit, void *arg)
     Py_VISIT(self->fast);
     Py_VISIT(self->address);
     Py_VISIT(self->settled);
+    Py_VISIT(self->target);
+    Py_VISIT(self->route);
     return 0;
 }
 
@@ -885,6 +908,8 @@ fast_connection_clear(FastConnectionObject *self)
     Py_CLEAR(self->fast);
     Py_CLEAR(self->address);
     Py_CLEAR(self->settled);
+    Py_CLEAR(self->target);
+    Py_CLEAR(self->route);
     return 0;
 }
 
@@ -1452,7 +1477,8 @@ coap_serve(CoapLaneObject *lane, PyObject *exchange, PyObject *addr, PyObject *o
     Py_INCREF(route);
     PyObject *credentials = PyTuple_GET_ITEM(route, 0), *kind = PyTuple_GET_ITEM(route, 1);
     PyObject *host = PyTuple_Check(addr) && PyTuple_GET_SIZE(addr) > 0 ? PyTuple_GET_ITEM(addr, 0) : Py_None;
-    PyObject *device = lookup_device(lane->api, lane->known_device, credentials, PyTuple_GET_ITEM(route, 2), lane->coap, host);
+    PyObject *device =
+        lookup_device(lane->api, lane->known_device, credentials, PyTuple_GET_ITEM(route, 2), lane->coap, host, monotonic_s());
     PyObject *post = NULL, *result = NULL;
     int rc = device == NULL ? -1 : device == Py_None ? 1 : 0;
     if (rc != 0 || set_ssize(server, pending_attr_name, pending + 1) < 0 ||
@@ -1927,11 +1953,11 @@ run_settled(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     PyObject *waiting = args[0], *report = args[1];
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(waiting); i++) {
         PyObject *ticket = Py_NewRef(PyList_GET_ITEM(waiting, i));
-        PyObject *then = PyObject_GetAttr(ticket, then_name);
-        PyObject *done = then == NULL || then == Py_None ? NULL : PyObject_CallMethodNoArgs(ticket, done_name_);
+        PyObject *then = GETATTR(ticket, then_name);
+        PyObject *done = then == NULL || then == Py_None ? NULL : CALL0(ticket, done_name_);
         int failed = then == NULL || (then != Py_None && done == NULL);
         if (done == Py_True) {
-            failed = PyObject_SetAttr(ticket, then_name, Py_None) < 0;
+            failed = SETATTR(ticket, then_name, Py_None) < 0;
             int many = PyList_Check(then);
             for (Py_ssize_t k = 0; !failed && k < (many ? PyList_GET_SIZE(then) : 1); k++) {
                 PyObject *callback = Py_NewRef(many ? PyList_GET_ITEM(then, k) : then);
@@ -2052,8 +2078,9 @@ lanes_init(PyObject *module)
     one = PyLong_FromLong(1);
     status_200 = PyLong_FromLong(200);
     post_method = PyBytes_FromString("POST");
-    loop_kwnames = Py_BuildValue("(s)", "loop");
-    if (one == NULL || status_200 == NULL || post_method == NULL || loop_kwnames == NULL ||
+    loop_key = PyUnicode_InternFromString("loop");
+    empty_args = PyTuple_New(0);
+    if (one == NULL || status_200 == NULL || post_method == NULL || loop_key == NULL || empty_args == NULL ||
         PyType_Ready(&IngestType) < 0 || PyType_Ready(&HttpLaneType) < 0 || PyType_Ready(&FastConnectionType) < 0 ||
         PyType_Ready(&CoapLaneType) < 0 || PyType_Ready(&CoapAnswerType) < 0) {
         return -1;

@@ -319,7 +319,7 @@ watch(FastMqttObject *self, MqttLaneObject *lane, PyObject *head)
 {
     Py_XSETREF(self->_watching, Py_NewRef(head));
     if (Py_IS_TYPE(head, (PyTypeObject *)lane->ticket_type)) {
-        PyObject *then = PyObject_GetAttr(head, then_name);
+        PyObject *then = GETATTR(head, then_name);
         if (then == NULL) {
             return -1;
         }
@@ -330,7 +330,7 @@ watch(FastMqttObject *self, MqttLaneObject *lane, PyObject *head)
             return -1;
         }
         if (!done) {
-            return PyObject_SetAttr(head, then_name, self->settled);
+            return SETATTR(head, then_name, self->settled);
         }
     }
     PyObject *none = PyObject_CallFunctionObjArgs(lane->when_settled, head, self->settled, NULL);
@@ -369,7 +369,7 @@ session_ready(PyObject *session, MqttLaneObject *lane)
 static int
 has_room(PyObject *api, Py_ssize_t count)
 {
-    PyObject *pipeline = PyObject_GetAttr(api, pipeline_name);
+    PyObject *pipeline = GETATTR(api, pipeline_name);
     if (pipeline == NULL) {
         return -1;
     }
@@ -416,7 +416,7 @@ read_time(FastMqttObject *self, double now)
     if (read_ms == NULL || !activity) {
         return read_ms;
     }
-    PyObject *hub = PyObject_GetAttr(self->_downlink, hub_name);
+    PyObject *hub = GETATTR(self->_downlink, hub_name);
     int rc = hub == NULL ? -1 : mark_active(hub, self->_device, ((MqttLaneObject *)self->_lane)->mqtt, read_ms);
     Py_XDECREF(hub);
     if (rc < 0) {
@@ -538,7 +538,7 @@ fast_read(FastMqttObject *self, MqttLaneObject *lane, PyObject *data)
     }
     Py_ssize_t inflight = add_inflight(self->_session, count);
     PyObject *read_ms = inflight < 0 ? NULL : read_time(self, when);
-    PyObject *post = read_ms == NULL ? NULL : PyObject_GetAttr(self->_api, post_name);
+    PyObject *post = read_ms == NULL ? NULL : GETATTR(self->_api, post_name);
     int rc = post == NULL ? -1 : 0;
     FastPublish publish;
     for (Py_ssize_t pos = 0; rc == 0 && pos < size && !self->_closing;) {
@@ -558,7 +558,7 @@ static PyObject *
 fast_mqtt_data_received(FastMqttObject *self, PyObject *data)
 {
     /* answers whose batch is durable go out now, not at the end of this pass */
-    PyObject *pipeline = is_none(self->_api) ? NULL : PyObject_GetAttr(self->_api, pipeline_name);
+    PyObject *pipeline = is_none(self->_api) ? NULL : GETATTR(self->_api, pipeline_name);
     if (pipeline == NULL) {
         if (!PyErr_Occurred()) {
             PyErr_SetString(PyExc_RuntimeError, "FastMqttConnection: no api");

@@ -926,9 +926,9 @@ store_line(PyObject *record, PyObject *templates, PyObject *dumps)
 {
     PyObject *device = NULL, *kind = NULL, *transport = NULL, *ts = NULL, *at = NULL, *values = NULL;
     PyObject *key = NULL, *id = NULL, *encoded = NULL, *line = NULL;
-    if ((device = PyObject_GetAttr(record, device_name)) == NULL || (kind = PyObject_GetAttr(record, kind_name)) == NULL ||
-        (transport = PyObject_GetAttr(record, transport_name)) == NULL || (ts = PyObject_GetAttr(record, ts_name)) == NULL ||
-        (at = PyObject_GetAttr(record, received_at_name)) == NULL || (values = PyObject_GetAttr(record, values_name)) == NULL ||
+    if ((device = GETATTR(record, device_name)) == NULL || (kind = GETATTR(record, kind_name)) == NULL ||
+        (transport = GETATTR(record, transport_name)) == NULL || (ts = GETATTR(record, ts_name)) == NULL ||
+        (at = GETATTR(record, received_at_name)) == NULL || (values = GETATTR(record, values_name)) == NULL ||
         (id = PyLong_FromVoidPtr(device)) == NULL || (key = PyTuple_Pack(3, id, kind, transport)) == NULL) {
         goto done;
     }
@@ -1033,7 +1033,7 @@ speedups_sent_by_transport(PyObject *self, PyObject *const *args, Py_ssize_t nar
     Py_ssize_t run = 0;
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(args[0]); i++) {
         PyObject *record = PyList_GET_ITEM(args[0], i);
-        PyObject *kind = PyObject_GetAttr(record, kind_name);
+        PyObject *kind = GETATTR(record, kind_name);
         if (kind == NULL) {
             goto error;
         }
@@ -1041,7 +1041,7 @@ speedups_sent_by_transport(PyObject *self, PyObject *const *args, Py_ssize_t nar
         if (kind == args[1]) {
             continue;
         }
-        PyObject *transport = PyObject_GetAttr(record, transport_name); /* record: still in the list */
+        PyObject *transport = GETATTR(record, transport_name); /* record: still in the list */
         if (transport == NULL) {
             goto error;
         }
@@ -1174,18 +1174,18 @@ speedups_settle_delivered(PyObject *self, PyObject *const *args, Py_ssize_t narg
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(args[0]); i++) {
         PyObject *ticket = PyList_GET_ITEM(args[0], i);
         Py_INCREF(ticket);
-        PyObject *pending = PyObject_GetAttr(ticket, pending_name);
+        PyObject *pending = GETATTR(ticket, pending_name);
         long left = pending == NULL ? -1 : PyLong_AsLong(pending) - 1;
         Py_XDECREF(pending);
         PyObject *now = left < 0 || PyErr_Occurred() ? NULL : PyLong_FromLong(left);
-        int failed = now == NULL || PyObject_SetAttr(ticket, pending_name, now) < 0;
+        int failed = now == NULL || SETATTR(ticket, pending_name, now) < 0;
         Py_XDECREF(now);
         if (!failed && left == 0) {
-            PyObject *done = PyObject_CallMethodNoArgs(ticket, done_name);
+            PyObject *done = CALL0(ticket, done_name);
             failed = done == NULL;
             if (done == Py_False) {
-                PyObject *outcome = PyObject_GetAttr(ticket, outcome_name);
-                PyObject *set = outcome == NULL ? NULL : PyObject_CallMethodOneArg(ticket, set_result_name, outcome);
+                PyObject *outcome = GETATTR(ticket, outcome_name);
+                PyObject *set = outcome == NULL ? NULL : CALL1(ticket, set_result_name, outcome);
                 failed = set == NULL;
                 Py_XDECREF(outcome);
                 Py_XDECREF(set);
@@ -1193,7 +1193,7 @@ speedups_settle_delivered(PyObject *self, PyObject *const *args, Py_ssize_t narg
             Py_XDECREF(done);
         }
         if (!failed) { /* then is only changed by Python code, which does not run in this loop */
-            PyObject *then = PyObject_GetAttr(ticket, then_name);
+            PyObject *then = GETATTR(ticket, then_name);
             failed = then == NULL || (then != Py_None && PyList_Append(waiting, ticket) < 0);
             Py_XDECREF(then);
         }
@@ -1441,6 +1441,89 @@ static PyTypeObject MakerType = {
     .tp_doc = "Builds an instance of a plain slots class from positional arguments (maker())",
 };
 
+/* Poller(finished, drain): a callback sink's poll() as transports call it at every read (sinks/store.py):
+ * drain() only when the deque of finished writes holds something, so the usual read (nothing finished) costs
+ * a length check instead of a Python frame. */
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *finished; /* collections.deque */
+    PyObject *drain;
+} PollerObject;
+
+static PyObject *
+poller_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    PollerObject *self = (PollerObject *)callable;
+    if (PyVectorcall_NARGS(nargsf) != 0 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames) != 0)) {
+        PyErr_SetString(PyExc_TypeError, "poll() takes no arguments");
+        return NULL;
+    }
+    Py_ssize_t waiting = PyObject_Length(self->finished);
+    if (waiting < 0) {
+        return NULL;
+    }
+    return waiting == 0 ? Py_NewRef(Py_None) : PyObject_CallNoArgs(self->drain);
+}
+
+static PyObject *
+poller_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    PyObject *finished, *drain;
+    if ((kwargs != NULL && PyDict_GET_SIZE(kwargs) != 0) || !PyArg_ParseTuple(args, "OO:Poller", &finished, &drain)) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "Poller(finished, drain) takes positional arguments only");
+        }
+        return NULL;
+    }
+    PollerObject *self = (PollerObject *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->finished = Py_NewRef(finished);
+    self->drain = Py_NewRef(drain);
+    self->vectorcall = poller_vectorcall;
+    return (PyObject *)self;
+}
+
+static int
+poller_traverse(PollerObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->finished);
+    Py_VISIT(self->drain);
+    return 0;
+}
+
+static int
+poller_clear(PollerObject *self)
+{
+    Py_CLEAR(self->finished);
+    Py_CLEAR(self->drain);
+    return 0;
+}
+
+static void
+poller_dealloc(PollerObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    poller_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyTypeObject PollerType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "tb_gateway._speedups.Poller",
+    .tp_basicsize = sizeof(PollerObject),
+    .tp_dealloc = (destructor)poller_dealloc,
+    .tp_vectorcall_offset = offsetof(PollerObject, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL | Py_TPFLAGS_HAVE_GC,
+    .tp_traverse = (traverseproc)poller_traverse,
+    .tp_clear = (inquiry)poller_clear,
+    .tp_new = poller_new,
+    .tp_doc = "poll(): drain() when finished (a deque) is not empty (sinks/store.py)",
+};
+
 static PyObject *
 speedups_maker(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -1582,7 +1665,8 @@ PyInit__speedups(void)
         return NULL;
     }
     PyObject *module = PyModule_Create(&module_def);
-    if (module != NULL && (lanes_init(module) < 0 || mqtt_lane_init(module) < 0)) {
+    if (module != NULL && (PyType_Ready(&PollerType) < 0 || PyModule_AddType(module, &PollerType) < 0 ||
+                           lanes_init(module) < 0 || mqtt_lane_init(module) < 0)) {
         Py_CLEAR(module);
     }
     return module;

@@ -94,6 +94,23 @@ class _Entry:
 
 
 class AuthService:
+    # slots: the C lanes read the cache, clock and blocklist at every request (_lanes.c lookup_device)
+    __slots__ = (
+        "_blocklist",
+        "_cache",
+        "_clock",
+        "_failure_log",
+        "_max_entries",
+        "_max_misses",
+        "_metrics",
+        "_misses",
+        "_negative_ttl_s",
+        "_pending",
+        "_shared",
+        "_sources",
+        "_ttl_s",
+    )
+
     def __init__(
         self,
         sources: Sequence[CredentialSource],

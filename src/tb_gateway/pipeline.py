@@ -87,6 +87,35 @@ def _report(ticket: Ticket, exc: Exception) -> None:
 
 
 class Pipeline:
+    # slots, not a dict: the C lanes read the queue's state at every message (_lanes.c, submit_one), and a
+    # slot is a load where an instance dict is a lookup
+    __slots__ = (
+        "_batch_size",
+        "_batch_timeout_s",
+        "_closing",
+        "_commit_interval_s",
+        "_deliver_then",
+        "_event_loop",
+        "_idle",
+        "_in_flight",
+        "_kick_due",
+        "_last_left",
+        "_linger_until",
+        "_max_in_flight",
+        "_max_queue",
+        "_metrics",
+        "_queue",
+        "_room",
+        "_running",
+        "_slots",
+        "_tickets",
+        "_timer",
+        "_timer_at",
+        "_wakeup",
+        "poll",
+        "sink",
+    )
+
     def __init__(
         self,
         sink: Sink,

@@ -44,6 +44,27 @@ ROUTE_CACHE = 10_000  # distinct (method, target) pairs remembered; a flood of m
 
 class HttpServer:
     name = "http"
+    # slots: the fast lane reads draining, max_payload and idle_timeout at every request (_lanes.c)
+    __slots__ = (
+        "_routes",
+        "_server",
+        "_sweeper",
+        "_tasks",
+        "api",
+        "body_timeout",
+        "connected",
+        "connections",
+        "draining",
+        "handlers",
+        "header_timeout",
+        "host",
+        "idle_timeout",
+        "lane",
+        "max_connections",
+        "max_payload",
+        "port",
+        "responses",
+    )
 
     def __init__(self, api: DeviceApi, health: Health) -> None:
         settings = api.settings

@@ -75,6 +75,7 @@ class EmptyResponses:
     """Bodiless responses for the current second: ``table[persist][status]``."""
 
     STATUSES = (200, 401, 404, 408, 413, 431)  # a bodiless Reply must be one of these
+    __slots__ = ("date", "second", "table")  # the fast lane reads table at every answer (_lanes.c)
 
     def __init__(self, epoch_s: float) -> None:
         self.second = -1

@@ -34,11 +34,13 @@ from tb_gateway.sinks.base import Outcome
 from tb_gateway.sinks.segments import MAX_PAYLOAD, SEGMENT_BYTES, SegmentWriter, read_log
 
 try:  # the C fast path (setup.py builds it where a compiler is present): a batch's lines in one call
+    from tb_gateway._speedups import Poller as _Poller
     from tb_gateway._speedups import entry as _entry
     from tb_gateway._speedups import store_lines as _store_lines
 except ImportError:  # pragma: no cover - _encode below does the same, record by record
     _entry = None  # type: ignore[assignment]
     _store_lines = None  # type: ignore[assignment]
+    _Poller = None  # type: ignore[assignment,misc]
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,8 @@ class StoreSink:
         # (callback, result, exception) of writes the thread finished; deque appends and pops are atomic
         self._finished: deque[tuple[Callable[[Any, BaseException | None], None], Any, BaseException | None]] = deque()
         self._polling = False
+        # what transports call at every read: the usual read (nothing finished) is a length check in C
+        self.poll: Callable[[], None] = self._poll if _Poller is None else _Poller(self._finished, self._poll)
 
     async def start(self) -> None:
         self._thread = threading.Thread(target=self._work, name="store-writer", daemon=True)
@@ -217,8 +221,8 @@ class StoreSink:
             with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
                 loop.call_soon_threadsafe(self.poll)
 
-    def poll(self) -> None:
-        """Run the callbacks of finished writes, in order, on the loop's thread (CallbackSink.poll).
+    def _poll(self) -> None:
+        """``poll``: run the callbacks of finished writes, in order, on the loop's thread (CallbackSink.poll).
 
         The writer thread schedules this itself, but a scheduled call waits for the end of the loop's pass
         over its sockets (about 1 ms under load); transports call it at each read, so devices are answered
