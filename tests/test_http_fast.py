@@ -471,3 +471,74 @@ def test_what_happens_while_a_fast_lane_post_is_in_flight_is_answered_as_the_gen
             peer.connection_lost(None)
 
     run(loop, main())
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_one_connection_posting_to_several_targets_is_routed_per_request(
+    loop: str, tmp_path: Path, taken: list[bytes]
+) -> None:
+    """The lane keeps the last target's route per connection: a new target is routed afresh, every time."""
+    posts = [
+        ("/api/v1/T1/telemetry", b'{"n": 1}'),
+        ("/api/v1/T1/attributes", b'{"a": 1}'),
+        ("/api/v1/T2/telemetry", b'{"n": 2}'),
+        ("/api/v1/T2/telemetry", b'{"n": 3}'),
+        ("/api/v1/T1/telemetry", b'{"n": 4}'),
+        ("/api/v1/T1/telemetryX", b'{"n": 5}'),  # same length as nothing before, unknown: 404
+        ("/api/v1/T1/telemetry", b'{"n": 6}'),
+    ]
+
+    async def main() -> None:
+        async with serving(tmp_path, tokens={"T1": "dev1", "T2": "dev2"}) as gw:
+            for token in ("T1", "T2"):  # the auth cache knows both devices
+                warm = await Raw.connect(gw.port)
+                await warm.send(request("GET", f"/api/v1/{token}/attributes"))
+                assert (await warm.response())[0] == 200
+                await warm.close()
+            taken.clear()
+            raw = await Raw.connect(gw.port)
+            answers = []
+            for target, body in posts:
+                await raw.send(request("POST", target, body))
+                answers.append((await raw.response())[0])
+            await raw.close()
+            assert answers == [200, 200, 200, 200, 200, 404, 200]
+            assert [(r.device.name, r.kind.value, r.values) for r in gw.sink.records] == [
+                ("dev1", "telemetry", {"n": 1}),
+                ("dev1", "attributes", {"a": 1}),
+                ("dev2", "telemetry", {"n": 2}),
+                ("dev2", "telemetry", {"n": 3}),
+                ("dev1", "telemetry", {"n": 4}),
+                ("dev1", "telemetry", {"n": 6}),
+            ]
+            assert taken == [target.encode() for target, _ in posts[:5]] + [b"general", posts[6][0].encode()]
+
+    run(loop, main())
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_the_lane_reads_attributes_as_python_does_after_their_class_changed(
+    loop: str, tmp_path: Path, taken: list[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lanes keep where an attribute lives per call site (_speedups.h, GETATTR): a slot's offset, valid
+    while its class is unchanged. Here HttpServer.draining (a slot the lane has read) becomes a property
+    saying True: the lane must see it, leave the request to the general path, which closes after answering."""
+
+    async def main() -> None:
+        async with serving(tmp_path, tokens={"T1": "dev1"}) as gw:
+            raw = await Raw.connect(gw.port)
+            await raw.send(request("POST", TELEMETRY, b'{"n": 0}'))  # fills the auth cache
+            assert (await raw.response())[0] == 200
+            await raw.send(request("POST", TELEMETRY, b'{"n": 1}'))
+            assert (await raw.response())[0] == 200
+            assert taken[-1] == TELEMETRY.encode()  # the lane read draining (False) from the slot
+            monkeypatch.setattr(type(gw.server), "draining", property(lambda server: True), raising=True)
+            await raw.send(request("POST", TELEMETRY, b'{"n": 2}'))
+            status, headers, _ = await raw.response()
+            assert (status, headers.get("connection")) == (200, "close")
+            assert taken[-1] == b"general"
+            assert [r.values for r in gw.sink.records] == [{"n": 0}, {"n": 1}, {"n": 2}]
+            monkeypatch.undo()  # the slot again, before the server shuts down
+            await raw.close()
+
+    run(loop, main())

@@ -7,6 +7,7 @@ import errno
 import os
 import sqlite3
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -325,6 +326,23 @@ def test_poll_answers_finished_writes_in_order_without_waiting_for_the_loop(tmp_
 
     asyncio.run(main())
     assert [r["values"]["n"] for r in read_messages(tmp_path / "messages")] == [1, 2, 3]
+
+
+def test_the_c_poller_drains_only_when_something_finished() -> None:
+    """StoreSink.poll in C (_speedups.Poller): the usual read finds nothing and costs no Python frame."""
+    speedups = pytest.importorskip("tb_gateway._speedups")
+    finished: deque[int] = deque()
+    drained: list[int] = []
+    poll = speedups.Poller(finished, lambda: drained.append(len(finished)))
+    assert poll() is None
+    assert drained == []
+    finished.append(1)
+    poll()
+    assert drained == [1]
+    with pytest.raises(TypeError):
+        poll(1)
+    with pytest.raises(TypeError):
+        speedups.Poller(finished)
 
 
 def test_retention_is_checked_in_the_background_and_configured_from_settings(tmp_path: Path) -> None:

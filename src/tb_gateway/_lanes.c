@@ -838,12 +838,12 @@ fast_settled(FastConnectionObject *self, PyObject *future)
         return PyErr_Occurred() ? NULL : PyObject_CallMethodOneArg((PyObject *)self, fast_resume_name, future);
     }
     Py_INCREF(self);
-    PyObject *result = NULL, *at = NULL, *latency = NULL, *none = NULL, *table = NULL, *popped = NULL, *now = NULL,
-             *idle = NULL;
+    PyObject *result = NULL, *at = NULL, *latency = NULL, *none = NULL, *table = NULL, *popped = NULL, *idle = NULL;
     self->busy = 0;
     at = GETATTR(request, done_at_name);
     double done_at = at == NULL ? -1.0 : PyFloat_AsDouble(at);
-    if (PyErr_Occurred() || observe_seconds(lane->ack_latency, monotonic_s() - done_at) < 0) {
+    double settled_at = monotonic_s();
+    if (PyErr_Occurred() || observe_seconds(lane->ack_latency, settled_at - done_at) < 0) {
         goto done;
     }
     table = GETATTR(lane->responses, table_name);
@@ -860,9 +860,10 @@ fast_settled(FastConnectionObject *self, PyObject *future)
     }
     none = CALL1(transport, write_name, ok);
     popped = none == NULL ? NULL : CALL0(self->queue, popleft_name_);
-    now = popped == NULL ? NULL : CALL0(self->loop, time_name);
-    idle = now == NULL ? NULL : GETATTR(lane->server, idle_timeout_name);
-    double when = idle == NULL ? 0.0 : PyFloat_AsDouble(now) + PyFloat_AsDouble(idle);
+    /* loop.time() is CLOCK_MONOTONIC too (asyncio's time.monotonic(), uvloop's uv_now(), cached and at most a
+     * few ms behind): the idle deadline is counted from the clock read for the latency above */
+    idle = popped == NULL ? NULL : GETATTR(lane->server, idle_timeout_name);
+    double when = idle == NULL ? 0.0 : settled_at + PyFloat_AsDouble(idle);
     if (idle == NULL || PyErr_Occurred()) {
         goto done;
     }
@@ -875,7 +876,6 @@ done:
     Py_XDECREF(none);
     Py_XDECREF(table);
     Py_XDECREF(popped);
-    Py_XDECREF(now);
     Py_XDECREF(idle);
     Py_DECREF(self);
     return result;
@@ -1127,23 +1127,21 @@ static PyObject *coap_answer_call(PyObject *callable, PyObject *const *args, siz
 
 static PyTypeObject CoapAnswerType;
 
-static Py_ssize_t
-attr_ssize(PyObject *obj, PyObject *name)
-{
-    PyObject *value = PyObject_GetAttr(obj, name);
-    Py_ssize_t n = value == NULL ? -1 : PyLong_AsSsize_t(value);
-    Py_XDECREF(value);
-    return n;
-}
-
-static int
-set_ssize(PyObject *obj, PyObject *name, Py_ssize_t n)
-{
-    PyObject *value = PyLong_FromSsize_t(n);
-    int rc = value == NULL ? -1 : PyObject_SetAttr(obj, name, value);
-    Py_XDECREF(value);
-    return rc;
-}
+/* obj.name as a Py_ssize_t (-1 with an error) and obj.name = n, through the call site's attribute cache */
+#define attr_ssize(obj, name)                                                                                  \
+    __extension__({                                                                                            \
+        PyObject *value_ = GETATTR((obj), (name));                                                             \
+        Py_ssize_t size_ = value_ == NULL ? -1 : PyLong_AsSsize_t(value_);                                     \
+        Py_XDECREF(value_);                                                                                    \
+        size_;                                                                                                 \
+    })
+#define set_ssize(obj, name, n)                                                                                \
+    __extension__({                                                                                            \
+        PyObject *value_ = PyLong_FromSsize_t(n);                                                              \
+        int rc_ = value_ == NULL ? -1 : SETATTR((obj), (name), value_);                                        \
+        Py_XDECREF(value_);                                                                                    \
+        rc_;                                                                                                   \
+    })
 
 static int
 call_method_none(PyObject *obj, PyObject *name, PyObject *const *args, size_t nargs)
@@ -1199,7 +1197,7 @@ seen_drop_first(PyObject *seen, PyObject *items, PyObject *queues)
                 break;
             }
             Py_CLEAR(head);
-            PyObject *gone = PyObject_CallMethodNoArgs(queue, popleft_name_);
+            PyObject *gone = CALL0(queue, popleft_name_);
             if (gone == NULL) {
                 Py_XDECREF(first_head);
                 return -1;
@@ -1227,7 +1225,7 @@ seen_drop_first(PyObject *seen, PyObject *items, PyObject *queues)
         }
     }
     if (first != NULL) {
-        PyObject *gone = PyObject_CallMethodNoArgs(first, popleft_name_);
+        PyObject *gone = CALL0(first, popleft_name_);
         PyObject *key = PyTuple_GET_ITEM(first_head, 1);
         int rc = gone == NULL || PyDict_DelItem(items, key) < 0 ? -1 : seen_removed(seen, items, key);
         Py_XDECREF(gone);
@@ -1256,7 +1254,7 @@ seen_trim(PyObject *seen, PyObject *items, PyObject *windows, PyObject *peer, Py
         if (live != 0) {
             return live < 0 ? -1 : 0;
         }
-        PyObject *gone = PyObject_CallMethodNoArgs(window, popleft_name_);
+        PyObject *gone = CALL0(window, popleft_name_);
         if (gone == NULL) {
             return -1;
         }
@@ -1273,7 +1271,7 @@ seen_windows(PyObject *seen)
     if (size < 0) {
         return NULL;
     }
-    return size == 0 ? Py_NewRef(Py_None) : PyObject_GetAttr(seen, windows_name);
+    return size == 0 ? Py_NewRef(Py_None) : GETATTR(seen, windows_name);
 }
 
 /* ExpiringMap._removed (PeerWindowedMap's): key left the map; trim its peer's window. 0 or -1 */
@@ -1307,7 +1305,7 @@ seen_window(PyObject *seen, PyObject *items, PyObject *queue, PyObject *key, PyO
     if (limit <= 0) {
         return limit < 0 ? -1 : 0;
     }
-    PyObject *windows = PyObject_GetAttr(seen, windows_name);
+    PyObject *windows = GETATTR(seen, windows_name);
     if (windows == NULL || !PyDict_Check(windows) || !PyTuple_Check(key) || PyTuple_GET_SIZE(key) == 0) {
         if (windows != NULL) {
             PyErr_SetString(PyExc_TypeError, "PeerWindowedMap: (peer, id) keys and a windows dict expected");
@@ -1324,14 +1322,14 @@ seen_window(PyObject *seen, PyObject *items, PyObject *queue, PyObject *key, PyO
             Py_CLEAR(window);
         }
     }
-    PyObject *none = window == NULL ? NULL : PyObject_CallMethodOneArg(window, append_name, queued);
+    PyObject *none = window == NULL ? NULL : CALL1(window, append_name, queued);
     Py_ssize_t size = none == NULL ? -1 : PyObject_Length(window);
     Py_XDECREF(none);
     if (size >= 0 && size <= limit) {
         rc = 0;
     }
     else if (size > limit) {
-        PyObject *oldest = PyObject_CallMethodNoArgs(window, popleft_name_);
+        PyObject *oldest = CALL0(window, popleft_name_);
         int live = oldest == NULL ? -1 : seen_live(items, oldest);
         if (live >= 0 && (!live || PyDict_DelItem(items, PyTuple_GET_ITEM(oldest, 1)) == 0)) {
             rc = seen_trim(seen, items, windows, peer, window);
@@ -1347,8 +1345,8 @@ seen_window(PyObject *seen, PyObject *items, PyObject *queue, PyObject *key, PyO
 static int
 seen_put(PyObject *seen, PyObject *key, PyObject *value, double now, PyObject *lifetime)
 {
-    PyObject *items = PyObject_GetAttr(seen, items_name);
-    PyObject *queues = items == NULL ? NULL : PyObject_GetAttr(seen, queues_name);
+    PyObject *items = GETATTR(seen, items_name);
+    PyObject *queues = items == NULL ? NULL : GETATTR(seen, queues_name);
     Py_ssize_t cap = queues == NULL ? -1 : attr_ssize(seen, cap_name);
     PyObject *queue = cap < 0 || !PyDict_Check(queues) ? NULL : PyDict_GetItemWithError(queues, lifetime);
     int rc = -1;
@@ -1372,13 +1370,13 @@ seen_put(PyObject *seen, PyObject *key, PyObject *value, double now, PyObject *l
     PyObject *queued = entry == NULL ? NULL : PyTuple_Pack(2, expires, key);
     PyObject *none = queued == NULL || PyDict_SetItem(items, key, entry) < 0
                          ? NULL
-                         : PyObject_CallMethodOneArg(queue, append_name, queued);
+                         : CALL1(queue, append_name, queued);
     count = none == NULL ? -1 : count - dropped + 1;
     while (count >= 0) { /* a stale front goes now (ExpiringMap.put); the new entry, at the back, is live */
         PyObject *head = PySequence_GetItem(queue, 0);
         int live = head == NULL ? -1 : seen_live(items, head);
         Py_XDECREF(head);
-        PyObject *gone = live == 0 ? PyObject_CallMethodNoArgs(queue, popleft_name_) : NULL;
+        PyObject *gone = live == 0 ? CALL0(queue, popleft_name_) : NULL;
         if (live != 0 || gone == NULL) {
             count = live > 0 ? count : -1;
             break;
@@ -1407,7 +1405,7 @@ done:
 static int
 seen_replace(PyObject *seen, PyObject *key, PyObject *old, PyObject *new)
 {
-    PyObject *items = PyObject_GetAttr(seen, items_name);
+    PyObject *items = GETATTR(seen, items_name);
     if (items == NULL || !PyDict_Check(items)) {
         Py_XDECREF(items);
         return -1;
@@ -1482,7 +1480,7 @@ coap_serve(CoapLaneObject *lane, PyObject *exchange, PyObject *addr, PyObject *o
     PyObject *post = NULL, *result = NULL;
     int rc = device == NULL ? -1 : device == Py_None ? 1 : 0;
     if (rc != 0 || set_ssize(server, pending_attr_name, pending + 1) < 0 ||
-        (post = PyObject_GetAttr(lane->api, post_name)) == NULL) {
+        (post = GETATTR(lane->api, post_name)) == NULL) {
         rc = rc ? rc : -1;
         goto done;
     }
@@ -1521,10 +1519,10 @@ coap_serve(CoapLaneObject *lane, PyObject *exchange, PyObject *addr, PyObject *o
     answer->device = Py_NewRef(device);
     answer->vectorcall = coap_answer_call;
     PyObject_GC_Track(answer);
-    PyObject *then = PyObject_GetAttr(result, then_name);
-    PyObject *done_now = then == Py_None ? PyObject_CallMethodNoArgs(result, done_name_) : NULL;
+    PyObject *then = GETATTR(result, then_name);
+    PyObject *done_now = then == Py_None ? CALL0(result, done_name_) : NULL;
     if (then != NULL && then == Py_None && done_now == Py_False) {
-        rc = PyObject_SetAttr(result, then_name, (PyObject *)answer);
+        rc = SETATTR(result, then_name, (PyObject *)answer);
     }
     else if (then != NULL && (then != Py_None || done_now != NULL)) { /* pipeline.when_settled's other cases */
         PyObject *none = PyObject_CallFunctionObjArgs(lane->when_settled, result, (PyObject *)answer, NULL);
@@ -1568,8 +1566,8 @@ coap_take(CoapLaneObject *lane, PyObject *data, PyObject *addr, double now)
         plain = (number == 11 || number == 12) && formats <= 1;
     }
     PyObject *key = plain ? PyTuple_Pack(2, addr, mid) : NULL;
-    PyObject *seen = key == NULL ? NULL : PyObject_GetAttr(lane->endpoint, seen_name);
-    PyObject *items = seen == NULL ? NULL : PyObject_GetAttr(seen, items_name);
+    PyObject *seen = key == NULL ? NULL : GETATTR(lane->endpoint, seen_name);
+    PyObject *items = seen == NULL ? NULL : GETATTR(seen, items_name);
     PyObject *exchange = NULL, *piggyback = NULL;
     int rc = -1;
     if (items == NULL) {
@@ -1595,10 +1593,10 @@ coap_take(CoapLaneObject *lane, PyObject *data, PyObject *addr, double now)
     }
     if (con) { /* the empty ACK is due at the deadline unless answered before (Endpoint.handle_timer) */
         PyObject *deadline = PyFloat_FromDouble(now + lane->piggyback_timeout);
-        piggyback = deadline == NULL ? NULL : PyObject_GetAttr(lane->endpoint, piggyback_name);
-        PyObject *none = piggyback == NULL || PyObject_SetAttr(exchange, deadline_name, deadline) < 0
+        piggyback = deadline == NULL ? NULL : GETATTR(lane->endpoint, piggyback_name);
+        PyObject *none = piggyback == NULL || SETATTR(exchange, deadline_name, deadline) < 0
                              ? NULL
-                             : PyObject_CallMethodOneArg(piggyback, append_name, exchange);
+                             : CALL1(piggyback, append_name, exchange);
         Py_XDECREF(deadline);
         if (none == NULL) {
             goto done;
@@ -1632,7 +1630,7 @@ coap_lane_receive(CoapLaneObject *lane, PyObject *const *args, Py_ssize_t nargs)
     }
     PyObject *datagrams = args[0], *now_obj = args[1];
     double now = PyFloat_AsDouble(now_obj);
-    PyObject *sweep_at = PyErr_Occurred() ? NULL : PyObject_GetAttr(lane->endpoint, sweep_at_name);
+    PyObject *sweep_at = PyErr_Occurred() ? NULL : GETATTR(lane->endpoint, sweep_at_name);
     double due = sweep_at == NULL ? 0.0 : PyFloat_AsDouble(sweep_at);
     Py_XDECREF(sweep_at);
     if (sweep_at == NULL || PyErr_Occurred() || (now >= due && call_method_none(lane->endpoint, sweep_name, &now_obj, 1) < 0)) {
@@ -1675,8 +1673,8 @@ coap_answer_call(PyObject *callable, PyObject *const *args, size_t nargsf, PyObj
     }
     CoapLaneObject *lane = (CoapLaneObject *)self->lane;
     PyObject *future = args[0], *exchange = self->exchange, *server = lane->server;
-    PyObject *cancelled = PyObject_CallMethodNoArgs(future, cancelled_name_c);
-    PyObject *outcome = cancelled == Py_False ? PyObject_CallMethodNoArgs(future, result_name_c) : NULL;
+    PyObject *cancelled = CALL0(future, cancelled_name_c);
+    PyObject *outcome = cancelled == Py_False ? CALL0(future, result_name_c) : NULL;
     int plain = outcome != NULL && outcome == lane->delivered;
     Py_XDECREF(cancelled);
     Py_XDECREF(outcome);
@@ -1684,7 +1682,7 @@ coap_answer_call(PyObject *callable, PyObject *const *args, size_t nargsf, PyObj
         return NULL;
     }
     if (plain) {
-        PyObject *state = PyObject_GetAttr(exchange, state_name);
+        PyObject *state = GETATTR(exchange, state_name);
         int confirmable = attr_is_true(exchange, confirmable_name);
         int unblocked = attr_is_none(exchange, block1_name) == 1 && attr_is_none(exchange, block2_name) == 1 &&
                         attr_is_none(exchange, observation_name) == 1;
@@ -1703,11 +1701,11 @@ coap_answer_call(PyObject *callable, PyObject *const *args, size_t nargsf, PyObj
              *addr = NULL, *mid = NULL, *token = NULL, *key = NULL, *seen = NULL, *outbox = NULL, *out = NULL,
              *idle = NULL;
     Py_INCREF(self);
-    loop = PyObject_GetAttr(server, loop_attr_name);
-    now = loop == NULL ? NULL : PyObject_CallMethodNoArgs(loop, time_name);
-    received = now == NULL ? NULL : PyObject_GetAttr(exchange, received_at_name_);
+    loop = GETATTR(server, loop_attr_name);
+    now = loop == NULL ? NULL : CALL0(loop, time_name);
+    received = now == NULL ? NULL : GETATTR(exchange, received_at_name_);
     latency = received == NULL ? NULL : PyNumber_Subtract(now, received);
-    PyObject *histogram = latency == NULL ? NULL : PyObject_GetAttr(server, latency_name);
+    PyObject *histogram = latency == NULL ? NULL : GETATTR(server, latency_name);
     double seconds = histogram == NULL ? 0.0 : PyFloat_AsDouble(latency);
     int failed = histogram == NULL || PyErr_Occurred() || observe_seconds(histogram, seconds) < 0;
     Py_XDECREF(histogram);
@@ -1716,14 +1714,14 @@ coap_answer_call(PyObject *callable, PyObject *const *args, size_t nargsf, PyObj
         goto done;
     }
     if (pending - 1 == 0) { /* drain waits for the last answer */
-        idle = PyObject_GetAttr(server, idle_name);
+        idle = GETATTR(server, idle_name);
         if (idle == NULL || (idle != Py_None && call_method_none(idle, set_name, NULL, 0) < 0)) {
             goto done;
         }
     }
-    addr = PyObject_GetAttr(exchange, addr_name_c);
-    mid = addr == NULL ? NULL : PyObject_GetAttr(exchange, mid_name_c);
-    token = mid == NULL ? NULL : PyObject_GetAttr(exchange, token_name_c);
+    addr = GETATTR(exchange, addr_name_c);
+    mid = addr == NULL ? NULL : GETATTR(exchange, mid_name_c);
+    token = mid == NULL ? NULL : GETATTR(exchange, token_name_c);
     long number = token == NULL ? -1 : PyLong_AsLong(mid);
     if (token == NULL || !PyBytes_Check(token) || PyBytes_GET_SIZE(token) > 8 || number < 0 || number > 0xFFFF) {
         if (!PyErr_Occurred()) {
@@ -1740,12 +1738,12 @@ coap_answer_call(PyObject *callable, PyObject *const *args, size_t nargsf, PyObj
     memcpy(PyBytes_AS_STRING(reply), header, 4);
     memcpy(PyBytes_AS_STRING(reply) + 4, PyBytes_AS_STRING(token), (size_t)tkl);
     key = PyTuple_Pack(2, addr, mid);
-    seen = key == NULL ? NULL : PyObject_GetAttr(lane->endpoint, seen_name);
-    if (seen == NULL || PyObject_SetAttr(exchange, reply_name, reply) < 0 ||
-        PyObject_SetAttr(exchange, state_name, lane->answered_state) < 0 || seen_replace(seen, key, exchange, reply) < 0) {
+    seen = key == NULL ? NULL : GETATTR(lane->endpoint, seen_name);
+    if (seen == NULL || SETATTR(exchange, reply_name, reply) < 0 ||
+        SETATTR(exchange, state_name, lane->answered_state) < 0 || seen_replace(seen, key, exchange, reply) < 0) {
         goto done;
     }
-    outbox = PyObject_GetAttr(lane->endpoint, outbox_name);
+    outbox = GETATTR(lane->endpoint, outbox_name);
     out = outbox == NULL ? NULL : PyTuple_Pack(2, reply, addr);
     if (out == NULL || !PyList_Check(outbox) || PyList_Append(outbox, out) < 0) {
         goto done;
@@ -1882,10 +1880,10 @@ coap_lane_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
         }
         return NULL;
     }
-    PyObject *config = PyObject_GetAttr(endpoint, config_name);
-    PyObject *exchange_lifetime = config == NULL ? NULL : PyObject_GetAttr(config, exchange_lifetime_name);
-    PyObject *non_lifetime = exchange_lifetime == NULL ? NULL : PyObject_GetAttr(config, non_lifetime_name);
-    PyObject *piggyback = non_lifetime == NULL ? NULL : PyObject_GetAttr(config, piggyback_timeout_name);
+    PyObject *config = GETATTR(endpoint, config_name);
+    PyObject *exchange_lifetime = config == NULL ? NULL : GETATTR(config, exchange_lifetime_name);
+    PyObject *non_lifetime = exchange_lifetime == NULL ? NULL : GETATTR(config, non_lifetime_name);
+    PyObject *piggyback = non_lifetime == NULL ? NULL : GETATTR(config, piggyback_timeout_name);
     double piggyback_timeout = piggyback == NULL ? 0.0 : PyFloat_AsDouble(piggyback);
     Py_XDECREF(config);
     Py_XDECREF(piggyback);
@@ -1913,7 +1911,7 @@ coap_lane_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     self->ticket_type = Py_NewRef(ticket_type);
     self->when_settled = Py_NewRef(when_settled);
     self->max_routes = max_routes;
-    self->known_device = PyObject_GetAttr(api, known_device_name);
+    self->known_device = GETATTR(api, known_device_name);
     if (self->known_device == NULL) {
         Py_DECREF(self);
         return NULL;

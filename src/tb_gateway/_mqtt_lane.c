@@ -287,19 +287,17 @@ call_method_none(PyObject *obj, PyObject *name)
     return none == NULL ? -1 : 0;
 }
 
-/* obj.name as a Py_ssize_t (len() when as_len), -1 with an error */
-static Py_ssize_t
-attr_size(PyObject *obj, PyObject *name, int as_len)
-{
-    PyObject *value = PyObject_GetAttr(obj, name);
-    if (value == NULL) {
-        return -1;
-    }
-    Py_ssize_t size = as_len ? PyObject_Length(value) : PyLong_AsSsize_t(value);
-    Py_DECREF(value);
-    return size;
-}
-
+/* obj.name as a Py_ssize_t (len() when as_len), -1 with an error; get: GETATTR (the call site's attribute
+ * cache) or PyObject_GetAttr for the session, a per-connection object whose dict the cache would build */
+#define attr_size_by(get, obj, name, as_len)                                                                   \
+    __extension__({                                                                                            \
+        PyObject *value_ = get((obj), (name));                                                                 \
+        Py_ssize_t size_ = value_ == NULL ? -1 : (as_len) ? PyObject_Length(value_) : PyLong_AsSsize_t(value_); \
+        Py_XDECREF(value_);                                                                                    \
+        size_;                                                                                                 \
+    })
+#define attr_size(obj, name, as_len) attr_size_by(GETATTR, obj, name, as_len)
+#define session_size(session, name, as_len) attr_size_by(PyObject_GetAttr, session, name, as_len)
 /* future.done(): 1, 0 or -1 */
 static int
 is_done(PyObject *future)
@@ -355,7 +353,7 @@ session_ready(PyObject *session, MqttLaneObject *lane)
         return -1;
     }
     Py_ssize_t buffered = attr_size(decoder, buf_name, 1);
-    PyObject *failed = buffered != 0 ? NULL : PyObject_GetAttr(decoder, failed_name);
+    PyObject *failed = buffered != 0 ? NULL : GETATTR(decoder, failed_name);
     Py_DECREF(decoder);
     if (failed == NULL) {
         return buffered < 0 ? -1 : 0;
@@ -386,7 +384,7 @@ has_room(PyObject *api, Py_ssize_t count)
 static Py_ssize_t
 add_inflight(PyObject *session, Py_ssize_t delta)
 {
-    Py_ssize_t inflight = attr_size(session, inflight_name, 0);
+    Py_ssize_t inflight = session_size(session, inflight_name, 0);
     if (inflight == -1 && PyErr_Occurred()) {
         return -1;
     }
@@ -495,7 +493,7 @@ after_posts(FastMqttObject *self, MqttLaneObject *lane, Py_ssize_t inflight)
         flush = done;
     }
     if (!flush) {
-        Py_ssize_t queued = attr_size(self->_session, out_name, 1);
+        Py_ssize_t queued = session_size(self->_session, out_name, 1);
         int room = queued < 0 ? -1 : has_room(self->_api, lane->headroom);
         if (room < 0) {
             return -1;
@@ -701,7 +699,7 @@ fast_mqtt_settled(FastMqttObject *self, PyObject *future)
                 goto done;
             }
         }
-        Py_ssize_t queued = attr_size(self->_session, out_name, 1);
+        Py_ssize_t queued = session_size(self->_session, out_name, 1);
         if (queued < 0) {
             goto done;
         }
