@@ -4,6 +4,8 @@ the bench's variants into something else (README, "What the durable write costs"
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -49,3 +51,16 @@ def test_no_append_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert writer.append([b'{"a":1}']) == 1
     writer.close()
     assert list(read_log(tmp_path)) == []
+
+
+def test_the_lane_cost_harness_measures_the_fast_lane() -> None:
+    """bench/lane_cost.py (README, "Where the lanes' time went") fails when the fast lane did not take every
+    timed request or a connection went unanswered; here it must run clean (in its own process: it patches
+    the store)."""
+    repo = Path(__file__).resolve().parents[1]
+    args = ["--connections", "40", "--rounds", "5", "--repeats", "1"]
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.lane_cost", *args], cwd=repo, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "µs per request" in done.stdout
