@@ -287,17 +287,14 @@ call_method_none(PyObject *obj, PyObject *name)
     return none == NULL ? -1 : 0;
 }
 
-/* obj.name as a Py_ssize_t (len() when as_len), -1 with an error; get: GETATTR (the call site's attribute
- * cache) or PyObject_GetAttr for the session, a per-connection object whose dict the cache would build */
-#define attr_size_by(get, obj, name, as_len)                                                                   \
+/* obj.name as a Py_ssize_t (len() when as_len), -1 with an error; through the call site's attribute cache */
+#define attr_size(obj, name, as_len)                                                                           \
     __extension__({                                                                                            \
-        PyObject *value_ = get((obj), (name));                                                                 \
+        PyObject *value_ = GETATTR((obj), (name));                                                             \
         Py_ssize_t size_ = value_ == NULL ? -1 : (as_len) ? PyObject_Length(value_) : PyLong_AsSsize_t(value_); \
         Py_XDECREF(value_);                                                                                    \
         size_;                                                                                                 \
     })
-#define attr_size(obj, name, as_len) attr_size_by(GETATTR, obj, name, as_len)
-#define session_size(session, name, as_len) attr_size_by(PyObject_GetAttr, session, name, as_len)
 /* future.done(): 1, 0 or -1 */
 static int
 is_done(PyObject *future)
@@ -340,7 +337,7 @@ watch(FastMqttObject *self, MqttLaneObject *lane, PyObject *head)
 static int
 session_ready(PyObject *session, MqttLaneObject *lane)
 {
-    PyObject *state = PyObject_GetAttr(session, state_name);
+    PyObject *state = GETATTR(session, state_name);
     if (state == NULL) {
         return -1;
     }
@@ -348,7 +345,7 @@ session_ready(PyObject *session, MqttLaneObject *lane)
     if (state != lane->connected) {
         return 0;
     }
-    PyObject *decoder = PyObject_GetAttr(session, decoder_name);
+    PyObject *decoder = GETATTR(session, decoder_name);
     if (decoder == NULL) {
         return -1;
     }
@@ -384,12 +381,12 @@ has_room(PyObject *api, Py_ssize_t count)
 static Py_ssize_t
 add_inflight(PyObject *session, Py_ssize_t delta)
 {
-    Py_ssize_t inflight = session_size(session, inflight_name, 0);
+    Py_ssize_t inflight = attr_size(session, inflight_name, 0);
     if (inflight == -1 && PyErr_Occurred()) {
         return -1;
     }
     PyObject *value = PyLong_FromSsize_t(inflight + delta);
-    int rc = value == NULL ? -1 : PyObject_SetAttr(session, inflight_name, value);
+    int rc = value == NULL ? -1 : SETATTR(session, inflight_name, value);
     Py_XDECREF(value);
     return rc < 0 ? -1 : inflight + delta;
 }
@@ -493,7 +490,7 @@ after_posts(FastMqttObject *self, MqttLaneObject *lane, Py_ssize_t inflight)
         flush = done;
     }
     if (!flush) {
-        Py_ssize_t queued = session_size(self->_session, out_name, 1);
+        Py_ssize_t queued = attr_size(self->_session, out_name, 1);
         int room = queued < 0 ? -1 : has_room(self->_api, lane->headroom);
         if (room < 0) {
             return -1;
@@ -530,7 +527,7 @@ fast_read(FastMqttObject *self, MqttLaneObject *lane, PyObject *data)
     PyObject *now = PyObject_CallMethodNoArgs(self->_loop, time_name);
     double when = now == NULL ? -1.0 : PyFloat_AsDouble(now);
     if (now == NULL || (when == -1.0 && PyErr_Occurred()) ||
-        PyObject_SetAttr(self->_session, last_received_name, now) < 0) {
+        SETATTR(self->_session, last_received_name, now) < 0) {
         Py_XDECREF(now);
         return -1;
     }
@@ -642,7 +639,7 @@ fast_mqtt_settled(FastMqttObject *self, PyObject *future)
     int plain = !is_none((PyObject *)lane) && !self->_paused && !is_none(self->_transport) &&
                 is_none(self->_drained) && !is_none(self->_acks) && !is_none(self->_session);
     if (plain) {
-        PyObject *state = PyObject_GetAttr(self->_session, state_name);
+        PyObject *state = GETATTR(self->_session, state_name);
         if (state == NULL) {
             return NULL;
         }
@@ -699,7 +696,7 @@ fast_mqtt_settled(FastMqttObject *self, PyObject *future)
                 goto done;
             }
         }
-        Py_ssize_t queued = session_size(self->_session, out_name, 1);
+        Py_ssize_t queued = attr_size(self->_session, out_name, 1);
         if (queued < 0) {
             goto done;
         }

@@ -129,6 +129,27 @@ def topic_matches(topic_filter: str, topic: str) -> bool:
 
 
 class Session:
+    # slots: one per connection (smaller than a dict), and the C lane reads state, inflight, _decoder and _out
+    # at every read (_mqtt_lane.c: a slot is a load through its attribute cache)
+    __slots__ = (
+        "_accept_filter",
+        "_connect_deadline",
+        "_decoder",
+        "_last_received",
+        "_next_packet_id",
+        "_out",
+        "_queued",
+        "_window",
+        "client_max_packet",
+        "inflight",
+        "keepalive_s",
+        "last_packet_id",
+        "limits",
+        "state",
+        "subscriptions",
+        "version",
+    )
+
     def __init__(self, limits: Limits, now: float, accept_filter: Callable[[str], bool]) -> None:
         self.limits = limits
         self.state = State.AWAITING_CONNECT
