@@ -459,6 +459,30 @@ speedups_append_durably(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 
 /* ---- CoAP: codec.decode() for well-formed messages ---- */
 
+/* A tuple of new references it takes over (PyTuple_Pack without the increfs, Py_BuildValue without parsing
+ * a format per datagram); NULL, with every item released, if any item is NULL */
+static PyObject *
+tuple_steal(Py_ssize_t n, PyObject **items)
+{
+    PyObject *tuple = NULL;
+    int complete = 1;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        complete = complete && items[i] != NULL;
+    }
+    if (complete) {
+        tuple = PyTuple_New(n);
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (tuple != NULL) {
+            PyTuple_SET_ITEM(tuple, i, items[i]);
+        }
+        else {
+            Py_XDECREF(items[i]);
+        }
+    }
+    return tuple;
+}
+
 /* coap_decode(data) -> (type, code, mid, token, options, payload), the fields of codec.Message, or None
  * for anything malformed: codec.decode() then parses it again and raises the error that says why. */
 PyObject *
@@ -529,7 +553,8 @@ speedups_coap_decode(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             pos += 2;
         }
         number += delta;
-        PyObject *option = Py_BuildValue("(ly#)", number, (const char *)data + pos, (Py_ssize_t)length);
+        PyObject *parts[] = {PyLong_FromLong(number), PyBytes_FromStringAndSize((const char *)data + pos, length)};
+        PyObject *option = tuple_steal(2, parts);
         if (option == NULL) {
             Py_DECREF(options);
             return NULL;
@@ -537,8 +562,13 @@ speedups_coap_decode(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyTuple_SET_ITEM(options, i, option);
         pos += length;
     }
-    return Py_BuildValue("(iiiy#Ny#)", type, code, mid, (const char *)data + 4, (Py_ssize_t)tkl, options,
-                         (const char *)data + payload_at, n - payload_at);
+    PyObject *parts[] = {PyLong_FromLong(type),
+                         PyLong_FromLong(code),
+                         PyLong_FromLong(mid),
+                         PyBytes_FromStringAndSize((const char *)data + 4, (Py_ssize_t)tkl),
+                         options,
+                         PyBytes_FromStringAndSize((const char *)data + payload_at, n - payload_at)};
+    return tuple_steal(6, parts);
 }
 
 /* ---- Datagram batches for the CoAP socket: one recvmmsg / sendmmsg per batch, not a syscall per datagram ----
@@ -684,7 +714,9 @@ speedups_recv_datagrams(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
     for (int i = 0; i < got; i++) {
         PyObject *address = address_tuple(&peers[i], msgs[i].msg_hdr.msg_namelen);
-        PyObject *item = address == NULL ? NULL : Py_BuildValue("(y#N)", iovs[i].iov_base, (Py_ssize_t)msgs[i].msg_len, address);
+        PyObject *parts[] = {
+            address == NULL ? NULL : PyBytes_FromStringAndSize(iovs[i].iov_base, (Py_ssize_t)msgs[i].msg_len), address};
+        PyObject *item = tuple_steal(2, parts);
         if (item == NULL) {
             Py_DECREF(out);
             return NULL;
