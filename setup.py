@@ -1,4 +1,4 @@
-"""The optional C fast paths (src/tb_gateway/_speedups.c, _lanes.c and _mqtt_lane.c: one extension module).
+"""The optional C fast paths (src/tb_gateway/_speedups.c, _lanes.c, _mqtt_lane.c, _kafka_lane.c: one module).
 
 ``optional=True``: where no C compiler is available the build goes on without it and normalize.py runs the
 same rules in Python (slower, identical results). Everything else about the package is in pyproject.toml.
@@ -10,7 +10,12 @@ setup(
     ext_modules=[
         Extension(
             "tb_gateway._speedups",
-            ["src/tb_gateway/_speedups.c", "src/tb_gateway/_lanes.c", "src/tb_gateway/_mqtt_lane.c"],
+            [
+                "src/tb_gateway/_speedups.c",
+                "src/tb_gateway/_lanes.c",
+                "src/tb_gateway/_mqtt_lane.c",
+                "src/tb_gateway/_kafka_lane.c",
+            ],
             depends=["src/tb_gateway/_speedups.h"],
             optional=True,
         )

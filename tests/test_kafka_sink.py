@@ -25,7 +25,17 @@ from tb_gateway.sinks.spool import Spool
 from tests.harness.kafka import KafkaBroker, read_topic
 from tests.harness.ports import free_port
 
+try:
+    from tb_gateway import _speedups
+except ImportError:  # pragma: no cover - built without a C compiler
+    _speedups = None  # type: ignore[assignment]
+
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "kafka-records.md"
+# the C produce loop and delivery reports (_kafka_lane.c), and the Python path they replace
+PATHS = [
+    pytest.param(True, id="c", marks=pytest.mark.skipif(_speedups is None, reason="the C fast path is not built")),
+    pytest.param(False, id="python"),
+]
 
 
 def topics(prefix: str) -> dict[RecordKind, str]:
@@ -47,10 +57,11 @@ def rec(device: str, seq: int, kind: RecordKind = RecordKind.TELEMETRY, **values
     )
 
 
-def sink_for(bootstrap: str, prefix: str, metrics: Metrics, **kw: Any) -> KafkaSink:
-    return KafkaSink(
-        bootstrap_servers=[bootstrap], topics=topics(prefix), metrics=metrics, delivery_timeout_ms=5000, **kw
-    )
+def sink_for(bootstrap: str, prefix: str, metrics: Metrics, fast: bool = True, **kw: Any) -> KafkaSink:
+    kw.setdefault("delivery_timeout_ms", 5000)
+    sink = KafkaSink(bootstrap_servers=[bootstrap], topics=topics(prefix), metrics=metrics, **kw)
+    sink.fast = fast and _speedups is not None
+    return sink
 
 
 async def deliver_once(sink: KafkaSink, batch: Sequence[Record]) -> list[Outcome]:
@@ -111,7 +122,8 @@ def test_message_id_is_the_same_for_copies_and_differs_for_different_records() -
 
 
 @pytest.mark.kafka
-def test_real_records_match_the_documented_format(kafka: KafkaBroker) -> None:
+@pytest.mark.parametrize("fast", PATHS)
+def test_real_records_match_the_documented_format(kafka: KafkaBroker, fast: bool) -> None:
     prefix = f"fmt-{uuid.uuid4().hex[:8]}"
     metrics = Metrics()
     batch = [
@@ -128,7 +140,7 @@ def test_real_records_match_the_documented_format(kafka: KafkaBroker) -> None:
             received_at=1_700_000_000_009,
         ),
     ]
-    outcomes = asyncio.run(deliver_once(sink_for(kafka.bootstrap, prefix, metrics), batch))
+    outcomes = asyncio.run(deliver_once(sink_for(kafka.bootstrap, prefix, metrics, fast), batch))
     assert outcomes == [Outcome.DELIVERED] * len(batch)
 
     telemetry = read_topic(kafka.bootstrap, f"{prefix}.telemetry")
@@ -159,14 +171,16 @@ def _plain(value: dict[str, Any]) -> dict[str, Any]:
 
 
 @pytest.mark.kafka
-def test_a_record_too_large_for_the_topic_is_rejected_alone(kafka: KafkaBroker) -> None:
+@pytest.mark.parametrize("fast", PATHS)
+def test_a_record_too_large_for_the_topic_is_rejected_alone(kafka: KafkaBroker, fast: bool) -> None:
     """KAFKA_MESSAGE_MAX_BYTES at or below the topic's max.message.bytes: only the big record is refused."""
     prefix = f"big-{uuid.uuid4().hex[:8]}"
     kafka.create_topic(f"{prefix}.telemetry", config={"max.message.bytes": "4096"})
     metrics = Metrics()
     big = os.urandom(3000).hex()  # hex does not compress below the limit
     batch = [rec("a", 1), rec("a", 2, blob=big), rec("a", 3), rec("b", 1)] + [rec("c", i) for i in range(60)]
-    outcomes = asyncio.run(deliver_once(sink_for(kafka.bootstrap, prefix, metrics, message_max_bytes=4000), batch))
+    sink = sink_for(kafka.bootstrap, prefix, metrics, fast, message_max_bytes=4000)
+    outcomes = asyncio.run(deliver_once(sink, batch))
     assert outcomes[:4] == [Outcome.DELIVERED, Outcome.REJECTED, Outcome.DELIVERED, Outcome.DELIVERED]
     assert outcomes[4:] == [Outcome.DELIVERED] * 60  # 60 small records still share batches under the limit
     stored = [orjson.loads(m["value"]) for m in read_topic(kafka.bootstrap, f"{prefix}.telemetry")]
@@ -181,12 +195,13 @@ def test_a_record_too_large_for_the_topic_is_rejected_alone(kafka: KafkaBroker) 
 
 
 @pytest.mark.kafka
-def test_a_record_the_broker_refuses_does_not_block_the_next_ones(kafka: KafkaBroker) -> None:
+@pytest.mark.parametrize("fast", PATHS)
+def test_a_record_the_broker_refuses_does_not_block_the_next_ones(kafka: KafkaBroker, fast: bool) -> None:
     """The producer's limit above the topic's: the broker refuses the record; later records still flow."""
     prefix = f"brk-{uuid.uuid4().hex[:8]}"
     kafka.create_topic(f"{prefix}.telemetry", config={"max.message.bytes": "4096"})
     metrics = Metrics()
-    sink = sink_for(kafka.bootstrap, prefix, metrics)
+    sink = sink_for(kafka.bootstrap, prefix, metrics, fast)
 
     async def body() -> list[list[Outcome]]:
         await sink.start()
@@ -232,3 +247,34 @@ def test_no_broker_at_start_up_logs_once_and_spools(tmp_path: Path, caplog: pyte
     unreachable = [r for r in caplog.records if "Kafka unreachable" in r.getMessage()]
     assert len(unreachable) == 1, [r.getMessage() for r in caplog.records]
     assert 'tb_gateway_spool_records{sink="kafka"} 3.0' in metrics.render().decode()
+
+
+@pytest.mark.parametrize("fast", PATHS)
+def test_a_full_producer_queue_fails_only_what_did_not_fit(fast: bool) -> None:
+    """produce() raising BufferError settles that record at once (the spool keeps it); the rest go on."""
+    metrics = Metrics()
+    sink = sink_for(
+        f"127.0.0.1:{free_port()}",
+        "full",
+        metrics,
+        fast,
+        startup_probe_s=0.1,
+        delivery_timeout_ms=1000,
+        extra_config={"queue.buffering.max.messages": 2},
+    )
+    sink._timeout_s = 0.5  # no broker: the two queued records get no report within it
+
+    async def body() -> tuple[list[Outcome], int]:
+        await sink.start()
+        try:
+            outcomes = list(await sink.deliver([rec("a", i) for i in range(5)]))
+            assert len(sink._producer) == 2  # queued; the other three were refused by produce() itself
+            return outcomes, sink.health()["batches_in_flight"]
+        finally:
+            sink._producer.purge()
+            await sink.close()
+
+    outcomes, in_flight = asyncio.run(body())
+    assert outcomes == [Outcome.SINK_FAILED] * 5
+    assert in_flight == 0
+    assert 'tb_gateway_kafka_records_total{result="failed",topic="full.telemetry"} 5.0' in metrics.render().decode()

@@ -19,6 +19,7 @@
 static PyObject *limiter_name, *downlink_name, *states_name, *id_name, *active_name, *last_activity_name,
     *activity_name, *value_name, *pipeline_name, *closing_name, *queue_name, *tickets_name, *max_queue_name,
     *event_loop_name, *deliver_then_name, *kick_due_name, *kick_name, *append_name, *pending_name,
+    *wakeup_name, *event_value_name, *set_name,
     *outcome_name, *then_name, *activity_seen_name, *now_ms_name, *loop_key, *empty_args;
 static PyObject *one;
 
@@ -97,7 +98,7 @@ mark_active(PyObject *downlink, PyObject *device, PyObject *transport, PyObject 
     return none == NULL ? -1 : 0;
 }
 
-/* pipeline.Pipeline.submit([record]) when the pipeline is running a callback sink with room: the ticket;
+/* pipeline.Pipeline.submit([record]) when the pipeline is running (a callback or a plain sink) with room: the ticket;
  * NULL without an error in any other state (the caller asks DeviceApi._admit) */
 static PyObject *
 submit_one(IngestObject *self, PyObject *pipeline, PyObject *record)
@@ -107,8 +108,9 @@ submit_one(IngestObject *self, PyObject *pipeline, PyObject *record)
     if (closing != 0) {
         return NULL;
     }
-    if (attr_is_none(pipeline, deliver_then_name) != 0) {
-        return NULL; /* a plain sink: submit wakes the batching task instead */
+    int plain = attr_is_none(pipeline, deliver_then_name); /* a plain sink (Kafka): wake its batching task */
+    if (plain < 0) {
+        return NULL;
     }
     PyObject *limit = GETATTR(pipeline, max_queue_name);
     Py_ssize_t max_queue = limit == NULL ? -1 : PyLong_AsSsize_t(limit);
@@ -147,6 +149,17 @@ submit_one(IngestObject *self, PyObject *pipeline, PyObject *record)
         goto done;
     }
     Py_DECREF(none);
+    if (plain) { /* self._wakeup.set(), skipped while it is set (the task has not run since) */
+        PyObject *wakeup = GETATTR(pipeline, wakeup_name);
+        int set = wakeup == NULL ? -1 : attr_is_true(wakeup, event_value_name);
+        none = set != 0 ? NULL : CALL0(wakeup, set_name);
+        if (set < 0 || (set == 0 && none == NULL)) {
+            Py_CLEAR(ticket);
+        }
+        Py_XDECREF(wakeup);
+        Py_XDECREF(none);
+        goto done;
+    }
     int due = attr_is_true(pipeline, kick_due_name); /* _kick_next_pass: once per loop pass */
     none = due != 0 ? NULL : PyObject_CallMethodNoArgs(pipeline, kick_name);
     if (due < 0 || (due == 0 && none == NULL)) {
@@ -2028,6 +2041,7 @@ lanes_init(PyObject *module)
         {&closing_name, "_closing"},      {&queue_name, "_queue"},            {&tickets_name, "_tickets"},
         {&max_queue_name, "_max_queue"},  {&event_loop_name, "_event_loop"}, {&deliver_then_name, "_deliver_then"},
         {&kick_due_name, "_kick_due"},    {&kick_name, "_kick_next_pass"},    {&append_name, "append"},
+        {&wakeup_name, "_wakeup"},        {&event_value_name, "_value"},            {&set_name, "set"},
         {&pending_name, "pending"},       {&outcome_name, "outcome"},         {&then_name, "then"},
         {&activity_seen_name, "activity_seen"}, {&now_ms_name, "now_ms"},
         {&pipeline_name_, "pipeline"},    {&poll_name, "poll"},               {&known_device_name, "known_device"},

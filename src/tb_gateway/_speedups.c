@@ -461,7 +461,7 @@ speedups_append_durably(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 
 /* A tuple of new references it takes over (PyTuple_Pack without the increfs, Py_BuildValue without parsing
  * a format per datagram); NULL, with every item released, if any item is NULL */
-static PyObject *
+PyObject *
 tuple_steal(Py_ssize_t n, PyObject **items)
 {
     PyObject *tuple = NULL;
@@ -1698,7 +1698,8 @@ PyInit__speedups(void)
     }
     PyObject *module = PyModule_Create(&module_def);
     if (module != NULL && (PyType_Ready(&PollerType) < 0 || PyModule_AddType(module, &PollerType) < 0 ||
-                           lanes_init(module) < 0 || mqtt_lane_init(module) < 0)) {
+                           lanes_init(module) < 0 || mqtt_lane_init(module) < 0 ||
+                           kafka_lane_init(module) < 0)) {
         Py_CLEAR(module);
     }
     return module;

@@ -200,4 +200,10 @@ int observe_seconds(PyObject *child, double value);
 /* _mqtt_lane.c: adds its types to the module */
 int mqtt_lane_init(PyObject *module);
 
+/* _kafka_lane.c: adds its types and functions to the module */
+int kafka_lane_init(PyObject *module);
+
+/* _speedups.c: a tuple of n new references (stolen); NULL, with every item released, if any item is NULL */
+PyObject *tuple_steal(Py_ssize_t n, PyObject **items);
+
 #endif

@@ -174,3 +174,22 @@ class CoapLane:
         /,
     ) -> None: ...
     def receive(self, datagrams: list[tuple[bytes, Any]], now: float) -> None: ...
+
+# _kafka_lane.c (sinks/kafka.py)
+def kafka_encode(record: Any, /) -> tuple[bytes, bytes, list[tuple[str, bytes]]] | None: ...
+def kafka_produce(
+    produce: Any, records: list[Any], topics: list[str], batch: KafkaBatch, encode: Any, refusals: Any, /
+) -> list[tuple[int, BaseException]]: ...
+
+class KafkaBatch:
+    """One KafkaSink.deliver call: outcomes settled by delivery reports; the last resolves ``future``."""
+
+    future: Any
+    outcomes: list[Any]
+    remaining: int
+    started: float
+
+    def __init__(
+        self, loop: Any, resolve: Any, future: Any, outcomes: list[Any], delivered: Any, latency: Any, on_error: Any, /
+    ) -> None: ...
+    def settle(self, index: int, outcome: Any, /) -> None: ...

@@ -32,6 +32,13 @@ from tb_gateway.records import Record, RecordKind
 from tb_gateway.sinks import kafka_records
 from tb_gateway.sinks.base import Outcome
 
+try:  # the per-record work in C (src/tb_gateway/_kafka_lane.c): encoding, the produce loop, delivery reports
+    from tb_gateway._speedups import KafkaBatch as _KafkaBatch
+    from tb_gateway._speedups import kafka_produce as _kafka_produce
+except ImportError:  # pragma: no cover - built without a C compiler: the same in Python (_Batch, _delivered)
+    _KafkaBatch = None  # type: ignore[misc,assignment]
+    _kafka_produce = None  # type: ignore[assignment]
+
 log = logging.getLogger(__name__)
 
 # Kafka will never take these records, however often they are sent.
@@ -49,6 +56,7 @@ PERMANENT = frozenset(
     }
 )
 POLL_S = 0.05  # the poll thread's wait; callbacks are served as they come, this only bounds shutdown
+REFUSED = (BufferError, KafkaException)  # what produce() raises for one record; the rest of the batch goes on
 STARTUP_PROBE_S = 2.0  # how long start-up waits to learn whether the broker is there
 CLOSE_FLUSH_S = 3.0
 SAFETY_MARGIN_S = 5.0  # librdkafka calls back within delivery.timeout.ms; this is for a stuck client
@@ -90,6 +98,7 @@ class _QuietLog:
 
 class KafkaSink:
     name = "kafka"
+    fast = _kafka_produce is not None  # the C produce loop and delivery reports; tests turn it off per sink
 
     def __init__(
         self,
@@ -192,11 +201,11 @@ class KafkaSink:
             return []
         if self._fatal:
             await self._rebuild()
-        pending = _Batch(asyncio.get_running_loop(), len(batch))
-        topics = [self.topics[record.kind] for record in batch]
+        records = batch if type(batch) is list else list(batch)
+        topics = [self.topics[record.kind] for record in records]
         self._in_flight += 1
         try:
-            self._produce(batch, topics, pending)
+            pending = self._produce(records, topics)
             try:
                 async with asyncio.timeout(self._timeout_s):
                     await asyncio.shield(pending.future)
@@ -204,14 +213,33 @@ class KafkaSink:
                 log.error("Kafka: no delivery report within %.0f s; treating the rest as failed", self._timeout_s)
         finally:
             self._in_flight -= 1
-        with pending.lock:
-            outcomes = list(pending.outcomes)
+        outcomes: list[Outcome] = list(pending.outcomes)  # one C-level copy: no report lands half-way
+        if self._down and Outcome.DELIVERED in outcomes:
+            self._down = False
+            log.info("Kafka at %s is reachable again", self.bootstrap)
         self._count(topics, outcomes)
         return outcomes
 
-    def _produce(self, batch: Sequence[Record], topics: list[str], pending: _Batch) -> None:
+    def _produce(self, records: list[Record], topics: list[str]) -> _Batch | _KafkaBatch:
+        """Produce every record; the answer's ``future`` resolves once each has its outcome."""
+        loop = asyncio.get_running_loop()
+        if _kafka_produce is not None and self.fast:
+            pending = _KafkaBatch(
+                loop,
+                _resolve,
+                loop.create_future(),
+                [Outcome.SINK_FAILED] * len(records),
+                Outcome.DELIVERED,
+                self._metrics.kafka_delivery_latency,
+                functools.partial(self._failed, records),
+            )
+            refused = _kafka_produce(self._producer.produce, records, topics, pending, kafka_records.encode, REFUSED)
+            for index, exc in refused:
+                pending.settle(index, self._refused(exc, records[index], topics[index]))
+            return pending
+        batch = _Batch(loop, len(records))
         produce = self._producer.produce
-        for index, (record, topic) in enumerate(zip(batch, topics, strict=True)):
+        for index, (record, topic) in enumerate(zip(records, topics, strict=True)):
             key, value, headers = kafka_records.encode(record)
             try:
                 produce(
@@ -219,23 +247,29 @@ class KafkaSink:
                     value,
                     key,
                     headers=headers,
-                    on_delivery=functools.partial(self._delivered, pending, index, record),
+                    on_delivery=functools.partial(self._delivered, batch, index, record),
                 )
-            except BufferError:
-                pending.settle(index, Outcome.SINK_FAILED)  # librdkafka's queue is full: the spool keeps it
-            except KafkaException as exc:
-                pending.settle(index, self._judge(exc.args[0], record, topic))
+            except REFUSED as exc:
+                batch.settle(index, self._refused(exc, record, topic))
+        return batch
 
-    def _delivered(self, pending: _Batch, index: int, record: Record, err: KafkaError | None, msg: Any) -> None:
-        """Delivery report, in the poll thread."""
+    def _refused(self, exc: BaseException, record: Record, topic: str) -> Outcome:
+        """``produce`` raised: librdkafka's queue is full (the spool keeps the record), or Kafka said no."""
+        if isinstance(exc, KafkaException):
+            return self._judge(exc.args[0], record, topic)
+        return Outcome.SINK_FAILED
+
+    def _delivered(self, batch: _Batch, index: int, record: Record, err: KafkaError | None, msg: Any) -> None:
+        """Delivery report, in the poll thread (without the C extension: ``DeliveryReport`` does this)."""
         if err is None:
-            self._metrics.kafka_delivery_latency.observe(time.monotonic() - pending.started)
-            if self._down:
-                self._down = False
-                log.info("Kafka at %s is reachable again", self.bootstrap)
-            pending.settle(index, Outcome.DELIVERED)
+            self._metrics.kafka_delivery_latency.observe(time.monotonic() - batch.started)
+            batch.settle(index, Outcome.DELIVERED)
         else:
-            pending.settle(index, self._judge(err, record, msg.topic()))
+            batch.settle(index, self._failed([record], 0, err, msg))
+
+    def _failed(self, records: list[Record], index: int, err: KafkaError, msg: Any) -> Outcome:
+        """A failed delivery report's outcome, in the poll thread."""
+        return self._judge(err, records[index], msg.topic())
 
     def _judge(self, err: KafkaError, record: Record, topic: str) -> Outcome:
         if err.code() in PERMANENT:
@@ -252,6 +286,10 @@ class KafkaSink:
         return Outcome.SINK_FAILED
 
     def _count(self, topics: list[str], outcomes: list[Outcome]) -> None:
+        if outcomes.count(Outcome.DELIVERED) == len(outcomes):  # the common case: no pair per record
+            for topic, n in Counter(topics).items():
+                self._metrics.kafka_records.labels(topic=topic, result="delivered").inc(n)
+            return
         tally = Counter(zip(topics, outcomes, strict=True))
         results = {Outcome.DELIVERED: "delivered", Outcome.REJECTED: "rejected"}
         for (topic, outcome), n in tally.items():
