@@ -206,10 +206,15 @@ class KafkaSink:
         self._in_flight += 1
         try:
             pending = self._produce(records, topics)
+            # A timer resolving the future, not asyncio.timeout around a shield: the last delivery report
+            # then resumes this task one loop pass sooner (a shield's callback is a pass of its own), and a
+            # cancelled deliver only cancels this batch's future, whose late reports then change nothing.
+            timer = asyncio.get_running_loop().call_later(self._timeout_s, _resolve, pending.future)
             try:
-                async with asyncio.timeout(self._timeout_s):
-                    await asyncio.shield(pending.future)
-            except TimeoutError:
+                await pending.future
+            finally:
+                timer.cancel()
+            if pending.remaining:
                 log.error("Kafka: no delivery report within %.0f s; treating the rest as failed", self._timeout_s)
         finally:
             self._in_flight -= 1
