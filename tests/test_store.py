@@ -6,6 +6,7 @@ import asyncio
 import errno
 import os
 import sqlite3
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -60,6 +61,34 @@ def test_delivered_batches_read_back_in_order_and_filtered(tmp_path: Path) -> No
     assert rows[1]["values"] == {"s": "x", "j": {"a": [1]}}
     assert [r["device"] for r in read_messages(path, device="dev2")] == ["dev2"]
     assert [r["seq"] for r in read_messages(path, after_seq=2)] == [3]
+
+
+def test_a_written_batch_is_freed_on_the_loop_not_on_the_writer_thread(tmp_path: Path) -> None:
+    """The writer thread lets go of a batch before it tells the loop: freeing a batch's records and tickets
+    holds the GIL, and on the writer it came first in the next batch's write (on its way to fdatasync)."""
+    freed_on: list[int] = []
+
+    class Done:
+        def __init__(self, answered: asyncio.Future[Any]) -> None:
+            self.answered = answered
+
+        def __call__(self, outcomes: Any) -> None:
+            self.answered.set_result(outcomes)
+
+        def __del__(self) -> None:
+            freed_on.append(threading.get_ident())
+
+    async def main() -> None:
+        sink = StoreSink(tmp_path / "messages")
+        await sink.start()
+        answered: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        sink.deliver_then([rec(1, t=1.5)], Done(answered))
+        assert await answered == [Outcome.DELIVERED]
+        await sink.deliver([rec(2, t=2.5)])  # the writer takes its next job: the first one is long gone
+        await sink.close()
+
+    asyncio.run(main())
+    assert freed_on == [threading.get_ident()]
 
 
 def test_a_record_json_cannot_hold_is_rejected_alone_not_its_batch(tmp_path: Path, caplog: Any) -> None:

@@ -212,12 +212,12 @@ class StoreSink:
 
     def _work(self) -> None:
         while (job := self._jobs.get()) is not None:
-            work, loop, done = job
-            try:
-                outcome: tuple[Any, BaseException | None] = (work(), None)
-            except Exception as exc:  # handed to ``done``, which decides
-                outcome = (None, exc)
-            self._finished.append((done, *outcome))
+            loop = job[1]
+            self._finished.append(_run(job))
+            # The finished entry is now the only reference to the batch (records, tickets, payloads): it is
+            # freed on the loop after the devices are answered. Held here until the next job came in, it was
+            # freed first thing in the next write, holding the GIL, on every batch's way to its fdatasync.
+            job = None
             with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
                 loop.call_soon_threadsafe(self.poll)
 
@@ -238,6 +238,15 @@ class StoreSink:
                 done(result, exc)
         finally:
             self._polling = False
+
+
+def _run(job: _Job) -> tuple[Callable[[Any, BaseException | None], None], Any, BaseException | None]:
+    """The writer thread's work on one job: (done, result, exception); nothing of the job outlives the call."""
+    work, _, done = job
+    try:
+        return done, work(), None
+    except Exception as exc:  # handed to ``done``, which decides
+        return done, None, exc
 
 
 def _answer(future: asyncio.Future[Any], answer: Any) -> None:
