@@ -3,9 +3,9 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# setup.py builds the C fast paths (src/tb_gateway/_speedups.c, _lanes.c, _mqtt_lane.c, _kafka_lane.c): a change to them reinstalls, which rebuilds them
+# setup.py builds the C fast paths (src/tb_gateway/_speedups.c, _lanes.c, _mqtt_lane.c, _kafka_lane.c, _seen.c): a change to them reinstalls, which rebuilds them
 BUILD  := pyproject.toml setup.py src/tb_gateway/_speedups.c src/tb_gateway/_lanes.c src/tb_gateway/_mqtt_lane.c \
-          src/tb_gateway/_kafka_lane.c src/tb_gateway/_speedups.h
+          src/tb_gateway/_kafka_lane.c src/tb_gateway/_seen.c src/tb_gateway/_speedups.h
 STAMP  := $(VENV)/.installed-$(shell cat $(BUILD) | sha1sum | cut -c1-12)
 
 .PHONY: install run test lint bench deps clean format

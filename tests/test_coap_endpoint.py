@@ -333,8 +333,14 @@ def test_memory_is_bounded_under_a_flood_of_message_ids_tokens_and_addresses():
         now += 0.001
     stats = ep.stats()
     assert stats["exchanges"] <= 500
-    assert len(ep._seen._windows) <= 500  # 20,000 addresses, but a peer's window goes with its last entry
-    assert sum(len(queue) for queue in ep._seen._queues.values()) <= 2 * 500 + 500 // 8 + 1
+    table = ep._seen  # 20,000 addresses, but a peer's window goes with its last entry; stale queue entries
+    peers, queued = (  # are bounded (the C table, or the Python one when built without a compiler)
+        (table.stats()["peers"], table.stats()["queued"])
+        if not isinstance(table, PeerWindowedMap)
+        else (len(table._windows), sum(len(queue) for queue in table._queues.values()))
+    )
+    assert peers <= 500
+    assert queued <= 2 * 500 + 500 // 8 + 2
     assert stats["block_transfers"] <= 20
     assert stats["observations"] <= 50
     # unanswered CONs went over to separate responses at their deadline and left the piggyback queue

@@ -1115,7 +1115,7 @@ typedef struct {
     PyObject *request_received; /* endpoint.request_received(exchange): the event */
     PyObject *routes;           /* {options: (credentials, kind) | None}: a cache of CoapServer._post_route */
     PyObject *pending_state, *answered_state, *coap, *delivered, *ticket_type, *when_settled;
-    PyObject *exchange_lifetime, *non_lifetime; /* the endpoint's config: the de-duplication lifetimes */
+    double exchange_lifetime, non_lifetime; /* the endpoint's config: the de-duplication lifetimes */
     PyObject *known_device;                     /* api.known_device when the lane was made */
     double piggyback_timeout;
     Py_ssize_t max_routes;
@@ -1127,14 +1127,14 @@ typedef struct {
     PyObject *lane, *exchange, *device;
 } CoapAnswerObject;
 
-static PyObject *seen_name, *items_name, *queues_name, *queued_name, *cap_name, *put_name, *compact_name,
+static PyObject *seen_name, *replace_name,
     *piggyback_name, *outbox_name, *sweep_at_name, *sweep_name, *accepting_name, *pending_attr_name,
     *max_pending_name, *max_payload_attr_name, *latency_name, *idle_name, *flush_scheduled_name, *loop_attr_name,
     *receive_one_name, *on_request_name, *post_route_name, *posted_name, *post_failed_name, *delivered_name,
     *schedule_flush_name, *state_name, *confirmable_name, *block1_name, *block2_name, *observation_name,
     *received_at_name_, *reply_name, *deadline_name, *set_name, *config_name, *exchange_lifetime_name,
     *non_lifetime_name, *piggyback_timeout_name, *result_name_c, *cancelled_name_c, *addr_name_c, *mid_name_c,
-    *token_name_c, *window_name, *windows_name;
+    *token_name_c;
 
 static PyObject *coap_answer_call(PyObject *callable, PyObject *const *args, size_t nargsf, PyObject *kwnames);
 
@@ -1166,272 +1166,6 @@ call_method_none(PyObject *obj, PyObject *name, PyObject *const *args, size_t na
     PyObject *none = PyObject_VectorcallMethod(name, stack, (nargs + 1) | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
     Py_XDECREF(none);
     return none == NULL ? -1 : 0;
-}
-
-/* Is a queue's (expires_at, key) entry the live one of that key? 1, 0, or -1 on error (ExpiringMap._live) */
-static int
-seen_live(PyObject *items, PyObject *queued)
-{
-    if (!PyTuple_Check(queued) || PyTuple_GET_SIZE(queued) != 2) {
-        PyErr_SetString(PyExc_TypeError, "ExpiringMap: a malformed queue entry");
-        return -1;
-    }
-    PyObject *entry = PyDict_GetItemWithError(items, PyTuple_GET_ITEM(queued, 1));
-    if (entry == NULL) {
-        return PyErr_Occurred() ? -1 : 0;
-    }
-    return PyObject_RichCompareBool(PyTuple_GET_ITEM(entry, 0), PyTuple_GET_ITEM(queued, 0), Py_EQ);
-}
-
-/* ExpiringMap._drop_first: the entry that expires first goes (the map is at its cap). The number of queue
- * entries removed, or -1 on error. */
-static int seen_trim(PyObject *seen, PyObject *items, PyObject *windows, PyObject *peer, PyObject *window);
-static int seen_removed(PyObject *seen, PyObject *items, PyObject *key);
-
-static Py_ssize_t
-seen_drop_first(PyObject *seen, PyObject *items, PyObject *queues)
-{
-    Py_ssize_t removed = 0, pos = 0;
-    PyObject *lifetime, *queue, *first = NULL, *first_head = NULL;
-    while (PyDict_Next(queues, &pos, &lifetime, &queue)) {
-        PyObject *head = NULL;
-        for (;;) {
-            if (PyObject_Length(queue) <= 0) {
-                break;
-            }
-            head = PySequence_GetItem(queue, 0);
-            int live = head == NULL ? -1 : seen_live(items, head);
-            if (live != 0) {
-                if (live < 0) {
-                    Py_XDECREF(head);
-                    Py_XDECREF(first_head);
-                    return -1;
-                }
-                break;
-            }
-            Py_CLEAR(head);
-            PyObject *gone = CALL0(queue, popleft_name_);
-            if (gone == NULL) {
-                Py_XDECREF(first_head);
-                return -1;
-            }
-            Py_DECREF(gone);
-            removed++;
-        }
-        if (head == NULL) {
-            continue;
-        }
-        int earlier = first_head == NULL ? 1
-                                         : PyObject_RichCompareBool(PyTuple_GET_ITEM(head, 0),
-                                                                    PyTuple_GET_ITEM(first_head, 0), Py_LT);
-        if (earlier < 0) {
-            Py_DECREF(head);
-            Py_XDECREF(first_head);
-            return -1;
-        }
-        if (earlier) {
-            Py_XSETREF(first_head, head);
-            first = queue;
-        }
-        else {
-            Py_DECREF(head);
-        }
-    }
-    if (first != NULL) {
-        PyObject *gone = CALL0(first, popleft_name_);
-        PyObject *key = PyTuple_GET_ITEM(first_head, 1);
-        int rc = gone == NULL || PyDict_DelItem(items, key) < 0 ? -1 : seen_removed(seen, items, key);
-        Py_XDECREF(gone);
-        if (rc < 0) {
-            Py_DECREF(first_head);
-            return -1;
-        }
-        removed++;
-    }
-    Py_XDECREF(first_head);
-    return removed;
-}
-
-/* PeerWindowedMap._trim: drop the stale front of a peer's window; an empty window goes. 0 or -1 */
-static int
-seen_trim(PyObject *seen, PyObject *items, PyObject *windows, PyObject *peer, PyObject *window)
-{
-    for (;;) {
-        Py_ssize_t size = PyObject_Length(window);
-        if (size <= 0) {
-            return size < 0 ? -1 : PyDict_DelItem(windows, peer);
-        }
-        PyObject *head = PySequence_GetItem(window, 0);
-        int live = head == NULL ? -1 : seen_live(items, head);
-        Py_XDECREF(head);
-        if (live != 0) {
-            return live < 0 ? -1 : 0;
-        }
-        PyObject *gone = CALL0(window, popleft_name_);
-        if (gone == NULL) {
-            return -1;
-        }
-        Py_DECREF(gone);
-    }
-}
-
-/* The peer's windows dict of a PeerWindowedMap (new reference), Py_None (new reference) for a plain
- * ExpiringMap, NULL with an error */
-static PyObject *
-seen_windows(PyObject *seen)
-{
-    Py_ssize_t size = attr_ssize(seen, window_name);
-    if (size < 0) {
-        return NULL;
-    }
-    return size == 0 ? Py_NewRef(Py_None) : GETATTR(seen, windows_name);
-}
-
-/* ExpiringMap._removed (PeerWindowedMap's): key left the map; trim its peer's window. 0 or -1 */
-static int
-seen_removed(PyObject *seen, PyObject *items, PyObject *key)
-{
-    PyObject *windows = seen_windows(seen);
-    if (windows == NULL || windows == Py_None) {
-        Py_XDECREF(windows);
-        return windows == NULL ? -1 : 0;
-    }
-    int rc = -1;
-    if (PyDict_Check(windows) && PyTuple_Check(key) && PyTuple_GET_SIZE(key) > 0) {
-        PyObject *peer = PyTuple_GET_ITEM(key, 0);
-        PyObject *window = PyDict_GetItemWithError(windows, peer);
-        rc = window == NULL ? (PyErr_Occurred() ? -1 : 0) : seen_trim(seen, items, windows, peer, window);
-    }
-    else {
-        PyErr_SetString(PyExc_TypeError, "PeerWindowedMap: (peer, id) keys and a windows dict expected");
-    }
-    Py_DECREF(windows);
-    return rc;
-}
-
-/* PeerWindowedMap.put after ExpiringMap.put: queued, the (expires_at, key) just queued, joins the key's peer's
- * window (a new one: a deque like the lifetime queue); past the window, the peer's oldest goes. 0 or -1 */
-static int
-seen_window(PyObject *seen, PyObject *items, PyObject *queue, PyObject *key, PyObject *queued)
-{
-    Py_ssize_t limit = attr_ssize(seen, window_name);
-    if (limit <= 0) {
-        return limit < 0 ? -1 : 0;
-    }
-    PyObject *windows = GETATTR(seen, windows_name);
-    if (windows == NULL || !PyDict_Check(windows) || !PyTuple_Check(key) || PyTuple_GET_SIZE(key) == 0) {
-        if (windows != NULL) {
-            PyErr_SetString(PyExc_TypeError, "PeerWindowedMap: (peer, id) keys and a windows dict expected");
-        }
-        Py_XDECREF(windows);
-        return -1;
-    }
-    PyObject *peer = PyTuple_GET_ITEM(key, 0);
-    PyObject *window = Py_XNewRef(PyDict_GetItemWithError(windows, peer));
-    int rc = -1;
-    if (window == NULL && !PyErr_Occurred()) {
-        window = PyObject_CallNoArgs((PyObject *)Py_TYPE(queue));
-        if (window != NULL && PyDict_SetItem(windows, peer, window) < 0) {
-            Py_CLEAR(window);
-        }
-    }
-    PyObject *none = window == NULL ? NULL : CALL1(window, append_name, queued);
-    Py_ssize_t size = none == NULL ? -1 : PyObject_Length(window);
-    Py_XDECREF(none);
-    if (size >= 0 && size <= limit) {
-        rc = 0;
-    }
-    else if (size > limit) {
-        PyObject *oldest = CALL0(window, popleft_name_);
-        int live = oldest == NULL ? -1 : seen_live(items, oldest);
-        if (live >= 0 && (!live || PyDict_DelItem(items, PyTuple_GET_ITEM(oldest, 1)) == 0)) {
-            rc = seen_trim(seen, items, windows, peer, window);
-        }
-        Py_XDECREF(oldest);
-    }
-    Py_XDECREF(window);
-    Py_DECREF(windows);
-    return rc;
-}
-
-/* ExpiringMap.put(key, value, now, lifetime) */
-static int
-seen_put(PyObject *seen, PyObject *key, PyObject *value, double now, PyObject *lifetime)
-{
-    PyObject *items = GETATTR(seen, items_name);
-    PyObject *queues = items == NULL ? NULL : GETATTR(seen, queues_name);
-    Py_ssize_t cap = queues == NULL ? -1 : attr_ssize(seen, cap_name);
-    PyObject *queue = cap < 0 || !PyDict_Check(queues) ? NULL : PyDict_GetItemWithError(queues, lifetime);
-    int rc = -1;
-    if (PyErr_Occurred() || items == NULL || !PyDict_Check(items)) {
-        goto done;
-    }
-    if (queue == NULL) { /* the first entry of this lifetime: the Python code makes its queue */
-        PyObject *now_obj = PyFloat_FromDouble(now);
-        PyObject *args[] = {key, value, now_obj, lifetime};
-        rc = now_obj == NULL ? -1 : call_method_none(seen, put_name, args, 4);
-        Py_XDECREF(now_obj);
-        goto done;
-    }
-    Py_INCREF(queue);
-    Py_ssize_t count = attr_ssize(seen, queued_name), dropped = 0;
-    if (count >= 0 && PyDict_GET_SIZE(items) >= cap) { /* at the cap (the key is new): the first to expire goes */
-        dropped = seen_drop_first(seen, items, queues);
-    }
-    PyObject *expires = dropped < 0 || count < 0 ? NULL : PyFloat_FromDouble(now + PyFloat_AsDouble(lifetime));
-    PyObject *entry = expires == NULL ? NULL : PyTuple_Pack(2, expires, value);
-    PyObject *queued = entry == NULL ? NULL : PyTuple_Pack(2, expires, key);
-    PyObject *none = queued == NULL || PyDict_SetItem(items, key, entry) < 0
-                         ? NULL
-                         : CALL1(queue, append_name, queued);
-    count = none == NULL ? -1 : count - dropped + 1;
-    while (count >= 0) { /* a stale front goes now (ExpiringMap.put); the new entry, at the back, is live */
-        PyObject *head = PySequence_GetItem(queue, 0);
-        int live = head == NULL ? -1 : seen_live(items, head);
-        Py_XDECREF(head);
-        PyObject *gone = live == 0 ? CALL0(queue, popleft_name_) : NULL;
-        if (live != 0 || gone == NULL) {
-            count = live > 0 ? count : -1;
-            break;
-        }
-        Py_DECREF(gone);
-        count--;
-    }
-    if (count >= 0 && set_ssize(seen, queued_name, count) == 0) {
-        rc = count > 2 * PyDict_GET_SIZE(items) + cap / 8 ? call_method_none(seen, compact_name, NULL, 0) : 0;
-    }
-    if (rc == 0) {
-        rc = seen_window(seen, items, queue, key, queued);
-    }
-    Py_XDECREF(none);
-    Py_XDECREF(queued);
-    Py_XDECREF(entry);
-    Py_XDECREF(expires);
-    Py_DECREF(queue);
-done:
-    Py_XDECREF(items);
-    Py_XDECREF(queues);
-    return rc;
-}
-
-/* ExpiringMap.replace(key, old, new) */
-static int
-seen_replace(PyObject *seen, PyObject *key, PyObject *old, PyObject *new)
-{
-    PyObject *items = GETATTR(seen, items_name);
-    if (items == NULL || !PyDict_Check(items)) {
-        Py_XDECREF(items);
-        return -1;
-    }
-    PyObject *entry = PyDict_GetItemWithError(items, key);
-    int rc = PyErr_Occurred() ? -1 : 0;
-    if (entry != NULL && PyTuple_Check(entry) && PyTuple_GET_SIZE(entry) == 2 && PyTuple_GET_ITEM(entry, 1) == old) {
-        PyObject *fresh = PyTuple_Pack(2, PyTuple_GET_ITEM(entry, 0), new);
-        rc = fresh == NULL ? -1 : PyDict_SetItem(items, key, fresh);
-        Py_XDECREF(fresh);
-    }
-    Py_DECREF(items);
-    return rc;
 }
 
 /* The request's credentials and kind when it is a device-message POST, NULL without an error when not */
@@ -1578,18 +1312,17 @@ coap_take(CoapLaneObject *lane, PyObject *data, PyObject *addr, double now)
         formats += number == 12;
         plain = (number == 11 || number == 12) && formats <= 1;
     }
-    PyObject *key = plain ? PyTuple_Pack(2, addr, mid) : NULL;
-    PyObject *seen = key == NULL ? NULL : GETATTR(lane->endpoint, seen_name);
-    PyObject *items = seen == NULL ? NULL : GETATTR(seen, items_name);
+    long number = plain ? PyLong_AsLong(mid) : -1;
+    PyObject *seen = plain ? GETATTR(lane->endpoint, seen_name) : NULL;
     PyObject *exchange = NULL, *piggyback = NULL;
     int rc = -1;
-    if (items == NULL) {
+    /* the C table (_seen.c) only: the Python map (a window of 0) means the endpoint's own path */
+    if (seen == NULL || !seen_table_check(seen) || number < 0 || number > 0xFFFF) {
         rc = PyErr_Occurred() ? -1 : 0;
         goto done;
     }
-    int duplicate = PyDict_Check(items) ? PyDict_Contains(items, key) : -1;
-    if (duplicate != 0) {
-        rc = duplicate < 0 ? -1 : 0; /* a duplicate: the endpoint answers it (the reply kept, or nothing) */
+    if (seen_table_lookup(seen, addr, (unsigned int)number) != NULL || PyErr_Occurred()) {
+        rc = PyErr_Occurred() ? -1 : 0; /* a duplicate: the endpoint answers it (the reply kept, or nothing) */
         goto done;
     }
     int con = type == 0;
@@ -1601,7 +1334,8 @@ coap_take(CoapLaneObject *lane, PyObject *data, PyObject *addr, double now)
     }
     Py_XDECREF(now_obj);
     Py_XDECREF(zero);
-    if (exchange == NULL || seen_put(seen, key, exchange, now, con ? lane->exchange_lifetime : lane->non_lifetime) < 0) {
+    if (exchange == NULL || seen_table_put(seen, addr, (unsigned int)number, exchange, now,
+                                           con ? lane->exchange_lifetime : lane->non_lifetime) < 0) {
         goto done;
     }
     if (con) { /* the empty ACK is due at the deadline unless answered before (Endpoint.handle_timer) */
@@ -1625,9 +1359,7 @@ coap_take(CoapLaneObject *lane, PyObject *data, PyObject *addr, double now)
     rc = rc < 0 ? -1 : 1;
 done:
     Py_DECREF(fields);
-    Py_XDECREF(key);
     Py_XDECREF(seen);
-    Py_XDECREF(items);
     Py_XDECREF(exchange);
     Py_XDECREF(piggyback);
     return rc;
@@ -1750,11 +1482,22 @@ coap_answer_call(PyObject *callable, PyObject *const *args, size_t nargsf, PyObj
     }
     memcpy(PyBytes_AS_STRING(reply), header, 4);
     memcpy(PyBytes_AS_STRING(reply) + 4, PyBytes_AS_STRING(token), (size_t)tkl);
-    key = PyTuple_Pack(2, addr, mid);
-    seen = key == NULL ? NULL : GETATTR(lane->endpoint, seen_name);
+    seen = GETATTR(lane->endpoint, seen_name);
     if (seen == NULL || SETATTR(exchange, reply_name, reply) < 0 ||
-        SETATTR(exchange, state_name, lane->answered_state) < 0 || seen_replace(seen, key, exchange, reply) < 0) {
+        SETATTR(exchange, state_name, lane->answered_state) < 0) {
         goto done;
+    }
+    if (seen_table_check(seen)) { /* duplicates now get the reply (Endpoint.respond) */
+        if (seen_table_replace(seen, addr, (unsigned int)number, exchange, reply) < 0) {
+            goto done;
+        }
+    }
+    else {
+        key = PyTuple_Pack(2, addr, mid);
+        PyObject *replace_args[] = {key, exchange, reply};
+        if (key == NULL || call_method_none(seen, replace_name, replace_args, 3) < 0) {
+            goto done;
+        }
     }
     outbox = GETATTR(lane->endpoint, outbox_name);
     out = outbox == NULL ? NULL : PyTuple_Pack(2, reply, addr);
@@ -1841,8 +1584,6 @@ coap_lane_traverse(CoapLaneObject *self, visitproc visit, void *arg)
     Py_VISIT(self->delivered);
     Py_VISIT(self->ticket_type);
     Py_VISIT(self->when_settled);
-    Py_VISIT(self->exchange_lifetime);
-    Py_VISIT(self->non_lifetime);
     Py_VISIT(self->known_device);
     return 0;
 }
@@ -1862,8 +1603,6 @@ coap_lane_clear(CoapLaneObject *self)
     Py_CLEAR(self->delivered);
     Py_CLEAR(self->ticket_type);
     Py_CLEAR(self->when_settled);
-    Py_CLEAR(self->exchange_lifetime);
-    Py_CLEAR(self->non_lifetime);
     Py_CLEAR(self->known_device);
     return 0;
 }
@@ -1898,19 +1637,21 @@ coap_lane_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     PyObject *non_lifetime = exchange_lifetime == NULL ? NULL : GETATTR(config, non_lifetime_name);
     PyObject *piggyback = non_lifetime == NULL ? NULL : GETATTR(config, piggyback_timeout_name);
     double piggyback_timeout = piggyback == NULL ? 0.0 : PyFloat_AsDouble(piggyback);
+    double exchange_lifetime_s = piggyback == NULL ? 0.0 : PyFloat_AsDouble(exchange_lifetime);
+    double non_lifetime_s = piggyback == NULL ? 0.0 : PyFloat_AsDouble(non_lifetime);
     Py_XDECREF(config);
     Py_XDECREF(piggyback);
+    Py_XDECREF(exchange_lifetime);
+    Py_XDECREF(non_lifetime);
     CoapLaneObject *self = PyErr_Occurred() || piggyback == NULL ? NULL : (CoapLaneObject *)type->tp_alloc(type, 0);
     PyObject *routes = self == NULL ? NULL : PyDict_New();
     if (routes == NULL) {
-        Py_XDECREF(exchange_lifetime);
-        Py_XDECREF(non_lifetime);
         Py_XDECREF(self);
         return NULL;
     }
     self->routes = routes;
-    self->exchange_lifetime = exchange_lifetime;
-    self->non_lifetime = non_lifetime;
+    self->exchange_lifetime = exchange_lifetime_s;
+    self->non_lifetime = non_lifetime_s;
     self->piggyback_timeout = piggyback_timeout;
     self->server = Py_NewRef(server);
     self->endpoint = Py_NewRef(endpoint);
@@ -2054,10 +1795,7 @@ lanes_init(PyObject *module)
         {&fast_answered_name, "_fast_answered"}, {&fast_resume_name, "_fast_resume"},
         {&fast_settled_name, "_fast_settled"}, {&then_name_, "then"},        {&max_payload_name, "max_payload"},
         {&idle_timeout_name, "idle_timeout"},
-        {&seen_name, "_seen"},            {&items_name, "_items"},            {&queues_name, "_queues"},
-        {&window_name, "window"},         {&windows_name, "_windows"},
-        {&queued_name, "_queued"},        {&cap_name, "cap"},                 {&put_name, "put"},
-        {&compact_name, "_compact"},      {&piggyback_name, "_piggyback"},    {&outbox_name, "_outbox"},
+        {&seen_name, "_seen"},            {&replace_name, "replace"},         {&piggyback_name, "_piggyback"},    {&outbox_name, "_outbox"},
         {&sweep_at_name, "_sweep_at"},    {&sweep_name, "_sweep"},            {&accepting_name, "_accepting"},
         {&pending_attr_name, "_pending"}, {&max_pending_name, "_max_pending"}, {&max_payload_attr_name, "_max_payload"},
         {&latency_name, "_latency"},      {&idle_name, "_idle"},              {&flush_scheduled_name, "_flush_scheduled"},

@@ -1699,7 +1699,7 @@ PyInit__speedups(void)
     PyObject *module = PyModule_Create(&module_def);
     if (module != NULL && (PyType_Ready(&PollerType) < 0 || PyModule_AddType(module, &PollerType) < 0 ||
                            lanes_init(module) < 0 || mqtt_lane_init(module) < 0 ||
-                           kafka_lane_init(module) < 0)) {
+                           kafka_lane_init(module) < 0 || seen_init(module) < 0)) {
         Py_CLEAR(module);
     }
     return module;

@@ -203,6 +203,13 @@ int mqtt_lane_init(PyObject *module);
 /* _kafka_lane.c: adds its types and functions to the module */
 int kafka_lane_init(PyObject *module);
 
+/* _seen.c: SeenTable, the CoAP endpoint's de-duplication table; what the CoAP lane calls on it */
+int seen_init(PyObject *module);
+int seen_table_check(PyObject *obj);
+PyObject *seen_table_lookup(PyObject *table, PyObject *peer, unsigned int mid); /* borrowed; NULL: none */
+int seen_table_put(PyObject *table, PyObject *peer, unsigned int mid, PyObject *value, double now, double lifetime);
+int seen_table_replace(PyObject *table, PyObject *peer, unsigned int mid, PyObject *old, PyObject *new);
+
 /* _speedups.c: a tuple of n new references (stolen); NULL, with every item released, if any item is NULL */
 PyObject *tuple_steal(Py_ssize_t n, PyObject **items);
 

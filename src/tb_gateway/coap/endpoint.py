@@ -51,6 +51,11 @@ from tb_gateway.coap.codec import (
     encode_uint,
 )
 from tb_gateway.coap.expiring import ExpiringMap, PeerWindowedMap
+
+try:  # the de-duplication table in C (_seen.c): PeerWindowedMap's rules without a tuple and a float per message
+    from tb_gateway._speedups import SeenTable
+except ImportError:  # pragma: no cover - built without a C compiler
+    SeenTable = None  # type: ignore[misc,assignment]
 from tb_gateway.construct import constructor
 
 Address = Any  # whatever the transport uses as a peer address (a hashable tuple for UDP sockets)
@@ -80,6 +85,8 @@ _REPEATABLE = frozenset({Option.IF_MATCH, Option.ETAG, Option.URI_PATH, Option.U
 _PROXY_OPTIONS = frozenset({Option.PROXY_URI, Option.PROXY_SCHEME})  # we are no proxy: 5.05 (§5.7.2)
 # Known options the endpoint itself does not act on: skipped first, as every request carries several.
 _PLAIN_OPTIONS = _URI_OPTIONS | {Option.CONTENT_FORMAT, Option.ACCEPT, Option.SIZE1}
+# SeenTable finds an id by scanning its peer's window: fine for Californium's 64, not for a huge window
+SEEN_TABLE_MAX_WINDOW = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,9 +273,12 @@ class Endpoint:
         self.config = config = config or EndpointConfig()
         self._rng = rng
         self._next_mid = int(rng() * 0x10000) & 0xFFFF if first_mid is None else first_mid
-        # (peer, message id) -> the Exchange while unanswered, then only the bytes a duplicate gets back
-        self._seen: PeerWindowedMap[Address, Exchange | bytes] = PeerWindowedMap(
-            config.max_exchanges, config.exchanges_per_peer
+        # (peer, message id) -> the Exchange while unanswered, then only the bytes a duplicate gets back; the
+        # same table in C where it is built (the C lane takes requests only then)
+        self._seen: PeerWindowedMap[Address, Exchange | bytes] | SeenTable = (
+            SeenTable(config.max_exchanges, config.exchanges_per_peer)
+            if SeenTable is not None and 0 < config.exchanges_per_peer <= SEEN_TABLE_MAX_WINDOW
+            else PeerWindowedMap(config.max_exchanges, config.exchanges_per_peer)
         )
         self._piggyback: deque[Exchange] = deque()
         self._outgoing: dict[tuple[Address, int], _Outgoing] = {}
