@@ -21,13 +21,13 @@ typedef struct {
     double expires_at;
     PyObject *value; /* owned; NULL once the entry is gone (expired, dropped, popped or overwritten) */
     uint64_t stamp;  /* which put filled the slot */
-    unsigned int mid;
 } SeenSlot;
 
 typedef struct {
     PyObject_HEAD
     PyObject *peer; /* owned */
     SeenSlot *slots;
+    uint16_t *mids; /* each slot's id, apart: a lookup scans 128 bytes, not the slots (a window of 64) */
     Py_ssize_t head, size, capacity; /* a ring: the oldest at head; gone slots stay until they reach it */
     Py_ssize_t live;
 } SeenWindow;
@@ -66,6 +66,7 @@ seen_window_dealloc(SeenWindow *w)
         Py_CLEAR(w->slots[(w->head + i) % w->capacity].value);
     }
     PyMem_Free(w->slots);
+    PyMem_Free(w->mids);
     Py_XDECREF(w->peer);
     PyObject_Free(w);
 }
@@ -87,18 +88,24 @@ seen_window_new(PyObject *peer)
     }
     w->peer = Py_NewRef(peer);
     w->slots = NULL;
+    w->mids = NULL;
     w->head = w->size = w->capacity = w->live = 0;
     return w;
 }
 
-/* The slot holding mid's live entry (filled by put ``stamp`` when stamp != 0), or NULL */
+/* The slot holding mid's live entry (filled by put ``stamp`` when stamp != 0), or NULL. The whole array is
+ * scanned in memory order, ring or not: a slot outside the ring is empty (its value NULL), and an id is live
+ * in at most one slot (a put forgets the old one first). */
 static SeenSlot *
 seen_window_find(SeenWindow *w, unsigned int mid, uint64_t stamp)
 {
-    for (Py_ssize_t i = w->size - 1; i >= 0; i--) { /* newest first: a retransmission is of a recent one */
-        SeenSlot *slot = &w->slots[(w->head + i) % w->capacity];
-        if (slot->mid == mid && slot->value != NULL && (stamp == 0 || slot->stamp == stamp)) {
-            return slot;
+    const uint16_t *mids = w->mids;
+    for (Py_ssize_t i = 0; i < w->capacity; i++) {
+        if (mids[i] == mid) {
+            SeenSlot *slot = &w->slots[i];
+            if (slot->value != NULL && (stamp == 0 || slot->stamp == stamp)) {
+                return slot;
+            }
         }
     }
     return NULL;
@@ -342,16 +349,21 @@ seen_table_put(PyObject *table, PyObject *peer, unsigned int mid, PyObject *valu
     if (w->size == w->capacity) { /* grow the ring (doubling, up to the window) */
         Py_ssize_t capacity = w->capacity ? 2 * w->capacity : 4;
         capacity = capacity > t->window ? t->window : capacity;
-        SeenSlot *slots = PyMem_Malloc((size_t)capacity * sizeof(SeenSlot));
-        if (slots == NULL) {
+        SeenSlot *slots = PyMem_Calloc((size_t)capacity, sizeof(SeenSlot)); /* values NULL: empty */
+        uint16_t *mids = slots == NULL ? NULL : PyMem_Calloc((size_t)capacity, sizeof(uint16_t));
+        if (mids == NULL) {
+            PyMem_Free(slots);
             PyErr_NoMemory();
             goto done;
         }
         for (Py_ssize_t i = 0; i < w->size; i++) {
             slots[i] = w->slots[(w->head + i) % w->capacity];
+            mids[i] = w->mids[(w->head + i) % w->capacity];
         }
         PyMem_Free(w->slots);
+        PyMem_Free(w->mids);
         w->slots = slots;
+        w->mids = mids;
         w->head = 0;
         w->capacity = capacity;
     }
@@ -361,7 +373,9 @@ seen_table_put(PyObject *table, PyObject *peer, unsigned int mid, PyObject *valu
     if (q == NULL || seen_queue_push(t, q, expires_at, w, stamp, mid) < 0) {
         goto done;
     }
-    w->slots[(w->head + w->size) % w->capacity] = (SeenSlot){expires_at, Py_NewRef(value), stamp, mid};
+    Py_ssize_t at = (w->head + w->size) % w->capacity;
+    w->slots[at] = (SeenSlot){expires_at, Py_NewRef(value), stamp};
+    w->mids[at] = (uint16_t)mid;
     w->size++;
     w->live++;
     t->live++;
@@ -576,10 +590,11 @@ seen_entries(SeenTableObject *t, PyObject *Py_UNUSED(ignored))
     while (out != NULL && t->peers != NULL && PyDict_Next(t->peers, &pos, &peer, &window)) {
         SeenWindow *w = (SeenWindow *)window;
         for (Py_ssize_t i = 0; out != NULL && i < w->size; i++) {
-            SeenSlot *slot = &w->slots[(w->head + i) % w->capacity];
-            PyObject *item = slot->value == NULL
-                                 ? NULL
-                                 : Py_BuildValue("((OI)dO)", peer, slot->mid, slot->expires_at, slot->value);
+            Py_ssize_t at = (w->head + i) % w->capacity;
+            SeenSlot *slot = &w->slots[at];
+            PyObject *item = slot->value == NULL ? NULL
+                                                 : Py_BuildValue("((OI)dO)", peer, (unsigned int)w->mids[at],
+                                                                 slot->expires_at, slot->value);
             if (slot->value != NULL && (item == NULL || PyList_Append(out, item) < 0)) {
                 Py_CLEAR(out);
             }
