@@ -165,3 +165,21 @@ def test_no_reference_is_leaked() -> None:
     assert sys.getrefcount(value) == before and len(table) == 0
     del table
     assert sys.getrefcount(value) == before
+
+
+def test_drop_front_pops_only_the_answered_front_of_the_piggyback_queue() -> None:
+    """Endpoint.get_timer's loop in C: the front leaves while it is not pending, and nothing behind it."""
+    from collections import deque
+    from types import SimpleNamespace
+
+    queue = deque(SimpleNamespace(state=s) for s in (2, 1, 0, 2, 0))
+    _speedups.drop_front(queue, "state", 0)
+    assert [e.state for e in queue] == [0, 2, 0]
+    _speedups.drop_front(queue, "state", 0)  # a pending front: nothing goes
+    assert len(queue) == 3
+    empty: deque[Any] = deque()
+    _speedups.drop_front(empty, "state", 0)
+    with pytest.raises(AttributeError):
+        _speedups.drop_front(deque([object()]), "state", 0)
+    with pytest.raises(TypeError):
+        _speedups.drop_front(queue, 1, 0)

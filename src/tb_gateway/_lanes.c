@@ -1113,7 +1113,7 @@ typedef struct {
     PyObject *server, *endpoint, *api;
     PyObject *make_exchange;    /* coap/server.py's _EXCHANGE: an Exchange from its slots */
     PyObject *request_received; /* endpoint.request_received(exchange): the event */
-    PyObject *routes;           /* {options: (credentials, kind) | None}: a cache of CoapServer._post_route */
+    PyObject *routes;           /* {the options' bytes: (credentials, kind) | None}: CoapServer._post_route, cached */
     PyObject *pending_state, *answered_state, *coap, *delivered, *ticket_type, *when_settled;
     double exchange_lifetime, non_lifetime; /* the endpoint's config: the de-duplication lifetimes */
     PyObject *known_device;                     /* api.known_device when the lane was made */
@@ -1202,7 +1202,7 @@ coap_route(CoapLaneObject *lane, PyObject *options, PyObject *exchange)
 
 /* The server's part of a request the endpoint took: 0 done, 1 hand to _on_request, -1 error */
 static int
-coap_serve(CoapLaneObject *lane, PyObject *exchange, PyObject *addr, PyObject *options, PyObject *payload)
+coap_serve(CoapLaneObject *lane, PyObject *exchange, PyObject *addr, PyObject *shape, PyObject *payload)
 {
     PyObject *server = lane->server;
     int accepting = attr_is_true(server, accepting_name);
@@ -1215,7 +1215,7 @@ coap_serve(CoapLaneObject *lane, PyObject *exchange, PyObject *addr, PyObject *o
     if (accepting != 1 || pending + 1 > max_pending || PyBytes_GET_SIZE(payload) > max_payload) {
         return 1;
     }
-    PyObject *route = coap_route(lane, options, exchange);
+    PyObject *route = coap_route(lane, shape, exchange);
     if (route == NULL || !PyTuple_Check(route) || PyTuple_GET_SIZE(route) != 3) {
         return PyErr_Occurred() ? -1 : 1;
     }
@@ -1350,7 +1350,15 @@ coap_take(CoapLaneObject *lane, PyObject *data, PyObject *addr, double now)
         }
         Py_DECREF(none);
     }
-    rc = coap_serve(lane, exchange, addr, options, payload);
+    /* the route is cached by the options' bytes as sent (they decode to the same options every time):
+     * hashing and comparing them is one pass over a few bytes, not a tuple of (number, value) pairs */
+    Py_ssize_t start = 4 + PyBytes_GET_SIZE(token), size = PyBytes_GET_SIZE(data);
+    Py_ssize_t end = size - PyBytes_GET_SIZE(payload) - (PyBytes_GET_SIZE(payload) > 0);
+    PyObject *shape = start <= end && end <= size
+                          ? PyBytes_FromStringAndSize(PyBytes_AS_STRING(data) + start, end - start)
+                          : Py_NewRef(options);
+    rc = shape == NULL ? -1 : coap_serve(lane, exchange, addr, shape, payload);
+    Py_XDECREF(shape);
     if (rc == 1) { /* the request as the endpoint hands it over: the Python routes take it from here */
         PyObject *event = PyObject_CallOneArg(lane->request_received, exchange);
         rc = event == NULL ? -1 : call_method_none(lane->server, on_request_name, &event, 1);
@@ -1761,7 +1769,40 @@ observe(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return observe_seconds(args[0], seconds) < 0 ? NULL : Py_NewRef(Py_None);
 }
 
+/* drop_front(queue, name, value): pop the deque's front while its ``name`` attribute is not ``value`` (the
+ * endpoint's piggyback queue: the exchanges answered since its last look leave, one a request) */
+static PyObject *
+drop_front(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || !PyUnicode_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "drop_front(queue, name: str, value)");
+        return NULL;
+    }
+    PyObject *queue = args[0], *name = args[1], *value = args[2];
+    for (;;) {
+        Py_ssize_t size = PyObject_Length(queue);
+        if (size <= 0) {
+            return size < 0 ? NULL : Py_NewRef(Py_None);
+        }
+        PyObject *front = PySequence_GetItem(queue, 0);
+        PyObject *state = front == NULL ? NULL : PyObject_GetAttr(front, name);
+        int keep = state == NULL ? -1 : state == value ? 1 : PyObject_RichCompareBool(state, value, Py_EQ);
+        Py_XDECREF(front);
+        Py_XDECREF(state);
+        if (keep != 0) {
+            return keep < 0 ? NULL : Py_NewRef(Py_None);
+        }
+        PyObject *gone = CALL0(queue, popleft_name_);
+        if (gone == NULL) {
+            return NULL;
+        }
+        Py_DECREF(gone);
+    }
+}
+
 static PyMethodDef lane_functions[] = {
+    {"drop_front", (PyCFunction)(void (*)(void))drop_front, METH_FASTCALL,
+     "drop_front(queue, name, value): pop the front while its attribute `name` is not `value`"},
     {"observe", (PyCFunction)(void (*)(void))observe, METH_FASTCALL,
      "observe(child, seconds): a histogram child's observe, as the lanes do it"},
     {"run_settled", (PyCFunction)(void (*)(void))run_settled, METH_FASTCALL,

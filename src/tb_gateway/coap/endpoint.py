@@ -54,8 +54,10 @@ from tb_gateway.coap.expiring import ExpiringMap, PeerWindowedMap
 
 try:  # the de-duplication table in C (_seen.c): PeerWindowedMap's rules without a tuple and a float per message
     from tb_gateway._speedups import SeenTable
+    from tb_gateway._speedups import drop_front as _drop_front
 except ImportError:  # pragma: no cover - built without a C compiler
     SeenTable = None  # type: ignore[misc,assignment]
+    _drop_front = None  # type: ignore[assignment]
 from tb_gateway.construct import constructor
 
 Address = Any  # whatever the transport uses as a peer address (a hashable tuple for UDP sockets)
@@ -587,6 +589,8 @@ class Endpoint:
     def get_timer(self) -> float | None:
         """When ``handle_timer`` must next run (same clock as ``now``), or None if nothing is scheduled."""
         piggyback = self._piggyback
+        if _drop_front is not None:  # the loop below in C: it runs once per request answered
+            _drop_front(piggyback, "state", PENDING)
         while piggyback and piggyback[0].state != PENDING:
             piggyback.popleft()
         heap = self._retransmit
