@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from tb_gateway.coap.codec import CON, NON, Code, Message, Option, encode, encode_uint
 from tb_gateway.coap.endpoint import EndpointConfig, Exchange
+from tb_gateway.coap.expiring import PeerWindowedMap
 from tb_gateway.coap.server import EXCHANGE_FIELDS, CoapServer
 from tb_gateway.records import Transport
 from tests.support import PollOnlySink, make_api
@@ -98,12 +99,16 @@ def _datagram(message: tuple[Any, ...]) -> tuple[bytes, Any]:
     return encode(msg), ADDRESSES[address]
 
 
-async def _run(steps_: list[tuple[str, Any]], lane: bool, window: int = 64) -> dict[str, Any]:
+async def _run(
+    steps_: list[tuple[str, Any]], lane: bool, window: int = 64, python_table: bool = False
+) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as scratch:
-        return await _run_in(Path(scratch), steps_, lane, window)
+        return await _run_in(Path(scratch), steps_, lane, window, python_table)
 
 
-async def _run_in(tmp: Path, steps_: list[tuple[str, Any]], lane: bool, window: int) -> dict[str, Any]:
+async def _run_in(
+    tmp: Path, steps_: list[tuple[str, Any]], lane: bool, window: int, python_table: bool = False
+) -> dict[str, Any]:
     sink = PollOnlySink()
     api = make_api(tmp, sink, TOKENS, max_payload_size=64, clock_ms=lambda: 1_700_000_000_000)
     # four de-duplication entries at most, ``window`` per peer: the oldest go first, and the expiry queues
@@ -116,6 +121,8 @@ async def _run_in(tmp: Path, steps_: list[tuple[str, Any]], lane: bool, window: 
     server._socket = sock
     if not lane:
         server._lane = None
+    if python_table:  # coap/expiring.py's map, the reference of the C table (with it the lane takes nothing)
+        server.endpoint._seen = PeerWindowedMap(config.max_exchanges, window)
     pipeline = asyncio.create_task(api.pipeline.run())
     now = start = server._loop.time()  # the loop's clock: the server's timers (piggyback deadlines) run on it
     sent: list[list[tuple[bytes, Any]]] = []
@@ -146,13 +153,13 @@ async def _run_in(tmp: Path, steps_: list[tuple[str, Any]], lane: bool, window: 
         and metric.name.startswith(("tb_gateway_messages_received", "tb_gateway_refusals", "tb_gateway_auth"))
     }
     table = server.endpoint._seen
-    assert isinstance(table, _speedups.SeenTable)  # the C lane takes requests only with the C table
+    assert isinstance(table, PeerWindowedMap if python_table else _speedups.SeenTable)
     seen = {
         key: (round(expires - start, 6), value if isinstance(value, bytes) else _fields(value, start))
-        for key, expires, value in table.entries()
+        for key, expires, value in _entries(table)
     }
     windows: dict[Any, list[Any]] = {}
-    for key, expires, _ in table.entries():  # each peer's live entries, oldest first
+    for key, expires, _ in _entries(table):  # each peer's live entries, oldest first
         windows.setdefault(key[0], []).append((round(expires - start, 6), key))
     api.pipeline.close()
     sink.poll()
@@ -164,10 +171,23 @@ async def _run_in(tmp: Path, steps_: list[tuple[str, Any]], lane: bool, window: 
         "counted": counted,
         "pending": server.pending,
         "seen": seen,
-        "queued": table.stats(),
+        "queued": None if python_table else table.stats(),
         "windows": windows,
         "piggyback": [_fields(exchange, start) for exchange in server.endpoint._piggyback],
     }
+
+
+def _entries(table: Any) -> list[tuple[Any, float, Any]]:
+    """(key, expires_at, value) of the live entries, each peer's oldest first, from either table."""
+    if not isinstance(table, PeerWindowedMap):
+        return list(table.entries())
+    items = table._items
+    return [
+        (key, expires, items[key][1])
+        for window in table._windows.values()
+        for expires, key in window
+        if key in items and items[key][0] == expires
+    ]
 
 
 def _fields(exchange: Exchange, start: float) -> tuple[Any, ...]:
@@ -187,7 +207,11 @@ def test_the_lane_answers_as_the_python_path(steps_: list[tuple[str, Any]], wind
     """``window``: de-duplication entries kept per peer (1 and 2: the lane's put drops a peer's oldest)."""
 
     async def main() -> None:
-        assert await _run(steps_, lane=True, window=window) == await _run(steps_, lane=False, window=window)
+        taken = await _run(steps_, lane=True, window=window)
+        assert taken == await _run(steps_, lane=False, window=window)
+        # and the C de-duplication table keeps what coap/expiring.py's map keeps (its queues are its own)
+        reference = await _run(steps_, lane=False, window=window, python_table=True)
+        assert {**taken, "queued": None} == reference
 
     asyncio.run(main())
 
