@@ -267,16 +267,16 @@ def test_a_peer_keeps_only_its_newest_entries_and_an_emptied_window_goes():
     table.put(("b", 0), 10, 5.0, 145.0)
     assert [table.get(("a", mid)) for mid in range(5)] == [None, None, 2, 3, 4]  # a's oldest two went, early
     assert table.get(("b", 0)) == 10  # another peer's entries are untouched
-    assert [key for _, key in table._windows["a"]] == [("a", 2), ("a", 3), ("a", 4)]
+    assert [entry[1] for entry in table._windows["a"]] == [("a", 2), ("a", 3), ("a", 4)]
     table.pop(("a", 3))  # stale inside the window until it reaches the front
     table.put(("a", 5), 5, 6.0, 247.0)
     assert [table.get(("a", mid)) for mid in (2, 4, 5)] == [None, 4, 5]
-    assert [key for _, key in table._windows["a"]] == [("a", 4), ("a", 5)]
+    assert [entry[1] for entry in table._windows["a"]] == [("a", 4), ("a", 5)]
     table.expire(151.0)  # b's NON expired: its window goes with it (peers come and go)
     assert "b" not in table._windows and len(table) == 2
     table.put(("a", 4), 40, 200.0, 247.0)  # overwritten: the older window entry is stale
     table.expire(254.0)  # (a, 5) expired at 253, the stale (a, 4) of 251 goes with it; (a, 4) lives to 447
-    assert table.get(("a", 4)) == 40 and [key for _, key in table._windows["a"]] == [("a", 4)]
+    assert table.get(("a", 4)) == 40 and [entry[1] for entry in table._windows["a"]] == [("a", 4)]
     table.expire(447.0)
     assert len(table) == 0 and table._windows == {}
 

@@ -185,8 +185,8 @@ def _entries(table: Any) -> list[tuple[Any, float, Any]]:
     return [
         (key, expires, items[key][1])
         for window in table._windows.values()
-        for expires, key in window
-        if key in items and items[key][0] == expires
+        for expires, key, serial in window
+        if key in items and items[key][2] == serial
     ]
 
 

@@ -1,8 +1,10 @@
 """A dict whose entries live for a fixed time and never number more than a cap: the endpoint's memory bound.
 
-Entries are ``(expires_at, value)`` pairs and the expiry queues hold ``(expires_at, key)`` pairs, so when the
-values are bytes (an answered exchange keeps only its reply) every long-lived object is a tuple of atoms that
-CPython's cyclic GC stops tracking. Under load that keeps full collections cheap however many entries are
+Entries are ``(expires_at, value, serial)`` and the expiry queues hold ``(expires_at, key, serial)``: the
+serial numbers the put, so an entry left in a queue by an older put of the same key is known stale even when
+both expire at the same instant (a key dropped at the cap and put again at once). When the values are bytes
+(an answered exchange keeps only its reply) every long-lived object is a tuple of atoms that CPython's cyclic
+GC stops tracking. Under load that keeps full collections cheap however many entries are
 kept — a map of live objects would make every gen-2 collection walk the whole de-duplication history.
 
 There is one queue per lifetime: with a non-decreasing ``now`` each queue is in expiry order by construction,
@@ -34,9 +36,11 @@ class ExpiringMap(Generic[K, V]):
 
     def __init__(self, cap: int) -> None:
         self.cap = cap
-        self._items: dict[K, tuple[float, V]] = {}
-        self._queues: dict[float, deque[tuple[float, K]]] = {}  # lifetime -> (expires_at, key), oldest first
+        self._items: dict[K, tuple[float, V, int]] = {}
+        # lifetime -> (expires_at, key, serial), oldest first
+        self._queues: dict[float, deque[tuple[float, K, int]]] = {}
         self._queued = 0  # entries in all queues, stale ones (overwritten or popped keys) included
+        self._serial = 0  # of the last put
 
     def __len__(self) -> int:
         return len(self._items)
@@ -58,11 +62,12 @@ class ExpiringMap(Generic[K, V]):
         if len(items) >= self.cap and key not in items:
             self._drop_first()
         expires_at = now + lifetime
-        items[key] = (expires_at, value)
+        self._serial = serial = self._serial + 1
+        items[key] = (expires_at, value, serial)
         queue = self._queues.get(lifetime)
         if queue is None:
             queue = self._queues[lifetime] = deque()
-        queue.append((expires_at, key))
+        queue.append((expires_at, key, serial))
         self._queued += 1
         while not self._live(*queue[0]):  # a stale front goes now, not all at once in a compaction (latency)
             queue.popleft()
@@ -74,14 +79,14 @@ class ExpiringMap(Generic[K, V]):
         """Swap the value of a live entry, keeping its expiry, if it still holds ``old``."""
         entry = self._items.get(key)
         if entry is not None and entry[1] is old:
-            self._items[key] = (entry[0], new)
+            self._items[key] = (entry[0], new, entry[2])
 
-    def _live(self, expires_at: float, key: K) -> bool:
+    def _live(self, expires_at: float, key: K, serial: int) -> bool:
         entry = self._items.get(key)
-        return entry is not None and entry[0] == expires_at
+        return entry is not None and entry[2] == serial
 
     def _drop_first(self) -> None:
-        first: deque[tuple[float, K]] | None = None
+        first: deque[tuple[float, K, int]] | None = None
         for queue in self._queues.values():
             while queue and not self._live(*queue[0]):
                 queue.popleft()
@@ -111,10 +116,10 @@ class ExpiringMap(Generic[K, V]):
         items = self._items
         for queue in self._queues.values():
             while queue and queue[0][0] <= now:
-                expires_at, key = queue.popleft()
+                _, key, serial = queue.popleft()
                 self._queued -= 1
                 entry = items.get(key)
-                if entry is not None and entry[0] == expires_at:
+                if entry is not None and entry[2] == serial:
                     del items[key]
                     self._removed(key)
 
@@ -122,14 +127,14 @@ class ExpiringMap(Generic[K, V]):
 class PeerWindowedMap(ExpiringMap[tuple[P, Hashable], V]):
     """An ExpiringMap of ``(peer, id)`` keys that also keeps at most ``window`` entries per peer, the newest.
 
-    Each peer's window holds ``(expires_at, key)`` in insertion order; an entry that left the map by other
+    Each peer's window holds ``(expires_at, key, serial)`` in insertion order; an entry that left the map by other
     means stays there, stale, until it reaches the front (so a window may hold a few fewer live entries).
     """
 
     def __init__(self, cap: int, window: int) -> None:
         super().__init__(cap)
         self.window = window
-        self._windows: dict[P, deque[tuple[float, tuple[P, Hashable]]]] = {}
+        self._windows: dict[P, deque[tuple[float, tuple[P, Hashable], int]]] = {}
 
     def put(self, key: tuple[P, Hashable], value: V, now: float, lifetime: float) -> None:
         super().put(key, value, now, lifetime)
@@ -138,10 +143,10 @@ class PeerWindowedMap(ExpiringMap[tuple[P, Hashable], V]):
         window = self._windows.get(key[0])
         if window is None:
             window = self._windows[key[0]] = deque()
-        window.append((now + lifetime, key))
+        window.append((now + lifetime, key, self._serial))
         if len(window) > self.window:
-            expires_at, oldest = window.popleft()
-            if self._live(expires_at, oldest):
+            expires_at, oldest, serial = window.popleft()
+            if self._live(expires_at, oldest, serial):
                 del self._items[oldest]
             self._trim(key[0], window)
 
@@ -150,7 +155,7 @@ class PeerWindowedMap(ExpiringMap[tuple[P, Hashable], V]):
         if window is not None:
             self._trim(key[0], window)
 
-    def _trim(self, peer: P, window: deque[tuple[float, tuple[P, Hashable]]]) -> None:
+    def _trim(self, peer: P, window: deque[tuple[float, tuple[P, Hashable], int]]) -> None:
         """Drop the window's stale front; an empty window goes (peers come and go: NAT rebinding)."""
         while window and not self._live(*window[0]):
             window.popleft()
