@@ -289,6 +289,25 @@ def test_stored_bytes_are_exactly_the_documented_json(
     assert StoreSink(Path("unused")).encode([record, record, other, record]) == [expected] * 4  # the C batch
 
 
+def test_templates_stay_right_across_many_devices_sinks_and_cleared_caches() -> None:
+    """The C encoder remembers templates by object address (more devices than it has slots here); a device
+    freed and another made in its place, or a sink's cleared dict, never yields another device's line."""
+    kinds, transports = list(RecordKind), [Transport.MQTT, Transport.HTTP, Transport.COAP]
+    for round_ in range(3):
+        devices = [DeviceIdentity(f"id-{round_}-{n}", f"dev-{round_}-{n}", f"t{n % 3}") for n in range(1500)]
+        records = [
+            Record(device, kinds[n % len(kinds)], n, {"v": n}, transports[n % 3], 1000 + n)
+            for n, device in enumerate(devices)
+        ]
+        expected = [orjson.dumps(record.to_dict()) for record in records]
+        sink = StoreSink(Path("unused"))
+        assert sink.encode(records) == expected  # templates made
+        assert sink.encode(records) == expected  # from them
+        sink._templates.clear()
+        assert sink.encode(list(reversed(records))) == list(reversed(expected))
+        del devices, records, sink  # the next round's identities may take these addresses
+
+
 @pytest.mark.parametrize("ts", [-1, 0, 2**63 - 1, -(2**63), 2**63, 2**64 - 1])  # as far as JSON goes (orjson)
 def test_every_integer_timestamp_is_encoded_exactly(ts: int) -> None:
     """Within 64 signed bits the C fast path joins the line, beyond them the Python format does."""
