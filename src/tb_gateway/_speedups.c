@@ -954,51 +954,17 @@ speedups_entry(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 
 /* One record's line from its cached template, or NULL with no exception set: ask the Python encoder. */
 static PyObject *
-/* The templates last used, by object address (the dict's key is a tuple built, hashed and compared per
- * record). A slot owns its ``parts``, and parts[0] is the device: while it is cached that address is this
- * device, and kind and transport are enum members, which live as long as their class. A device's template
- * never changes (identities are never mutated), so a slot stays right after the sink's dict is cleared;
- * it keeps at most TEMPLATE_SLOTS identities alive. */
-#define TEMPLATE_SLOTS 1024
-static struct {
-    PyObject *device, *kind, *transport, *parts;
-} template_slots[TEMPLATE_SLOTS];
-
-static PyObject *
-cached_template(PyObject *templates, PyObject *device, PyObject *kind, PyObject *transport)
-{
-    uintptr_t mixed = ((uintptr_t)device >> 4) ^ ((uintptr_t)kind >> 3) * 31 ^ ((uintptr_t)transport >> 3) * 131;
-    size_t at = (size_t)(mixed ^ (mixed >> 10)) % TEMPLATE_SLOTS;
-    if (template_slots[at].parts != NULL && template_slots[at].device == device && template_slots[at].kind == kind &&
-        template_slots[at].transport == transport) {
-        return template_slots[at].parts; /* borrowed */
-    }
-    PyObject *id = PyLong_FromVoidPtr(device);
-    PyObject *key = id == NULL ? NULL : PyTuple_Pack(3, id, kind, transport);
-    PyObject *parts = key == NULL ? NULL : PyDict_GetItemWithError(templates, key); /* borrowed */
-    Py_XDECREF(id);
-    Py_XDECREF(key);
-    if (parts != NULL && PyTuple_CheckExact(parts) && PyTuple_GET_SIZE(parts) == 3 &&
-        PyTuple_GET_ITEM(parts, 0) == device) {
-        Py_XSETREF(template_slots[at].parts, Py_NewRef(parts));
-        template_slots[at].device = device;
-        template_slots[at].kind = kind;
-        template_slots[at].transport = transport;
-    }
-    return parts;
-}
-
-static PyObject *
 store_line(PyObject *record, PyObject *templates, PyObject *dumps)
 {
     PyObject *device = NULL, *kind = NULL, *transport = NULL, *ts = NULL, *at = NULL, *values = NULL;
-    PyObject *encoded = NULL, *line = NULL;
+    PyObject *key = NULL, *id = NULL, *encoded = NULL, *line = NULL;
     if ((device = GETATTR(record, device_name)) == NULL || (kind = GETATTR(record, kind_name)) == NULL ||
         (transport = GETATTR(record, transport_name)) == NULL || (ts = GETATTR(record, ts_name)) == NULL ||
-        (at = GETATTR(record, received_at_name)) == NULL || (values = GETATTR(record, values_name)) == NULL) {
+        (at = GETATTR(record, received_at_name)) == NULL || (values = GETATTR(record, values_name)) == NULL ||
+        (id = PyLong_FromVoidPtr(device)) == NULL || (key = PyTuple_Pack(3, id, kind, transport)) == NULL) {
         goto done;
     }
-    PyObject *parts = cached_template(templates, device, kind, transport); /* borrowed: (device, head, tail) */
+    PyObject *parts = PyDict_GetItemWithError(templates, key); /* borrowed: (device, head, tail) */
     if (parts == NULL || !PyTuple_CheckExact(parts) || PyTuple_GET_SIZE(parts) != 3 || PyTuple_GET_ITEM(parts, 0) != device ||
         !PyBytes_CheckExact(PyTuple_GET_ITEM(parts, 1)) || !PyBytes_CheckExact(PyTuple_GET_ITEM(parts, 2)) ||
         !PyLong_CheckExact(ts) || !PyLong_CheckExact(at)) {
@@ -1018,6 +984,8 @@ done:
     Py_XDECREF(ts);
     Py_XDECREF(at);
     Py_XDECREF(values);
+    Py_XDECREF(id);
+    Py_XDECREF(key);
     Py_XDECREF(encoded);
     return line;
 }
