@@ -7,13 +7,16 @@ BIN    := $(VENV)/bin
 BUILD  := pyproject.toml setup.py src/tb_gateway/_speedups.c src/tb_gateway/_lanes.c src/tb_gateway/_mqtt_lane.c \
           src/tb_gateway/_kafka_lane.c src/tb_gateway/_seen.c src/tb_gateway/_speedups.h
 STAMP  := $(VENV)/.installed-$(shell cat $(BUILD) | sha1sum | cut -c1-12)
+# with a C compiler the fast paths must build: a failed compile stops the install instead of leaving the
+# previous module in place (setup.py); without one the gateway runs the same rules in Python
+SPEEDUPS := $(if $(shell command -v cc 2>/dev/null),required,optional)
 
 .PHONY: install run test lint bench deps clean format
 
 $(STAMP): $(BUILD)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	TB_GATEWAY_SPEEDUPS=$(SPEEDUPS) $(BIN)/pip install -q -e '.[dev]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 

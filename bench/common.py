@@ -16,7 +16,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +29,7 @@ ROUNDS = 3  # alternated runs per comparison (median reported): single runs of m
 
 
 def pinned(core: str, *cmd: str) -> list[str]:
-    return (
-        ["taskset", "-c", core, *cmd]
-        if shutil.which("taskset") and os.cpu_count() and os.cpu_count() > 1
-        else list(cmd)
-    )  # type: ignore[operator]
+    return ["taskset", "-c", core, *cmd] if shutil.which("taskset") and (os.cpu_count() or 1) > 1 else list(cmd)
 
 
 def cpu_s(pid: int) -> float:
@@ -153,7 +149,7 @@ def save(name: str, results: dict[str, Any]) -> Path:
     return path
 
 
-def table(rows: list[tuple[str, ...]]) -> str:
+def table(rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows)
 

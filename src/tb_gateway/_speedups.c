@@ -1664,6 +1664,10 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+#ifndef TB_SOURCES_SHA1 /* setup.py defines it: the hash of the sources this module was built from */
+#define TB_SOURCES_SHA1 "unknown"
+#endif
+
 static struct PyModuleDef module_def = {
     PyModuleDef_HEAD_INIT, "tb_gateway._speedups", "C fast path for normalize.py", -1, methods, NULL, NULL, NULL, NULL,
 };
@@ -1697,7 +1701,8 @@ PyInit__speedups(void)
         return NULL;
     }
     PyObject *module = PyModule_Create(&module_def);
-    if (module != NULL && (PyType_Ready(&PollerType) < 0 || PyModule_AddType(module, &PollerType) < 0 ||
+    if (module != NULL && (PyModule_AddStringConstant(module, "SOURCES_SHA1", TB_SOURCES_SHA1) < 0 ||
+                           PyType_Ready(&PollerType) < 0 || PyModule_AddType(module, &PollerType) < 0 ||
                            lanes_init(module) < 0 || mqtt_lane_init(module) < 0 ||
                            kafka_lane_init(module) < 0 || seen_init(module) < 0)) {
         Py_CLEAR(module);

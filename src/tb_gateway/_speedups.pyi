@@ -2,6 +2,8 @@
 
 from typing import Any
 
+SOURCES_SHA1: str  # setup.py's hash of the C sources this module was built from
+
 def values(raw: Any, type_cast: bool, max_string_length: int) -> dict[str, Any] | None: ...
 def telemetry(
     document: Any, now_ms: int, type_cast: bool, max_string_length: int

@@ -205,10 +205,13 @@ class KafkaBroker:
         self.wait_ready(timeout_s)
         return self
 
+    def _admin_config(self) -> dict[str, Any]:
+        return {"bootstrap.servers": self.bootstrap, "logger": _Silent()}
+
     def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
         from confluent_kafka.admin import AdminClient
 
-        admin = AdminClient({"bootstrap.servers": self.bootstrap, "logger": _Silent()})
+        admin = AdminClient(self._admin_config())
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if not self.running:
@@ -247,9 +250,9 @@ class KafkaBroker:
         return "\n".join(parts)
 
     def create_topic(self, name: str, *, partitions: int = 3, config: Mapping[str, str] | None = None) -> None:
-        from confluent_kafka.admin import AdminClient, NewTopic
+        from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]  # not in __all__
 
-        admin = AdminClient({"bootstrap.servers": self.bootstrap, "logger": _Silent()})
+        admin = AdminClient(self._admin_config())
         futures = admin.create_topics(
             [NewTopic(name, num_partitions=partitions, replication_factor=1, config=dict(config or {}))]
         )
@@ -293,7 +296,7 @@ def read_topic(bootstrap: str, topic: str, timeout_s: float = 30.0) -> list[dict
                     "headers": msg.headers(),
                 }
             )
-            if msg.offset() + 1 >= high[msg.partition()]:
+            if (msg.offset() or 0) + 1 >= high[msg.partition()]:
                 pending.discard(msg.partition())
         if pending:
             raise RuntimeError(f"{topic}: partitions {sorted(pending)} not read to their end in {timeout_s} s")
