@@ -10,7 +10,7 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-from bench.common import fdatasync_cost, save, table
+from bench.common import fdatasync_cost, ratio_cell, save, table
 
 SCENARIOS: dict[str, tuple[str, str]] = {
     "http": ("bench.http_bench", "throughput"),
@@ -54,7 +54,7 @@ def main() -> None:
                     row["scenario"],
                     f"{ours['rate_per_s']:,.0f}",
                     f"{ref['rate_per_s']:,.0f} ({row['reference_name']})" if ref else "-",
-                    f"{row['ratio']:.2f}x" if ref else "-",
+                    ratio_cell(row),
                     f"{ours.get('p50_ms', 0):.2f}",
                     f"{ours.get('p99_ms', 0):.2f}",
                     f"{ours.get('generator_cpu_s', 0):.1f}s",

@@ -194,17 +194,44 @@ def median_latency(run: Callable[[], dict[str, Any]], rounds: int = ROUNDS) -> d
     return {**ordered[len(ordered) // 2], "rounds_p99_ms": [round(float(row["p99_ms"]), 2) for row in rows]}
 
 
+def round_ratios(ours: dict[str, Any], reference: dict[str, Any]) -> list[float]:
+    """The gateway's rate over the reference's, round by round, when both ran the same alternated rounds
+    (``alternate``): each pair ran back to back, so the machine's drift between rounds cancels out."""
+    mine, theirs = ours.get("rounds"), reference.get("rounds")
+    if not mine or not theirs or len(mine) != len(theirs):
+        return []
+    return [m / t if t else 0.0 for m, t in zip(mine, theirs, strict=True)]
+
+
 def result_row(
     scenario: str, ours: dict[str, Any], reference: dict[str, Any] | None = None, reference_name: str = "-"
 ) -> dict[str, Any]:
-    """One row of the results table: the gateway's figures, and the reference's with the ratio when there is one."""
-    ratio = None
+    """One row of the results table: the gateway's figures, and the reference's with the ratio when there is one.
+
+    The ratio is the median of the round-by-round ratios when the runs alternated (on a machine whose speed
+    drifts by a third within minutes, the ratio of the two medians can pair a fast round with a slow one),
+    else the ratio of the two rates; ``round_ratios`` keeps every round's."""
+    ratio, paired = None, []
     if reference is not None:
-        ratio = ours["rate_per_s"] / reference["rate_per_s"] if reference["rate_per_s"] else 0.0
+        paired = round_ratios(ours, reference)
+        if paired:
+            ratio = sorted(paired)[len(paired) // 2]
+        else:
+            ratio = ours["rate_per_s"] / reference["rate_per_s"] if reference["rate_per_s"] else 0.0
     return {
         "scenario": scenario,
         "gateway": ours,
         "reference": reference,
         "reference_name": reference_name,
         "ratio": ratio,
+        "round_ratios": [round(r, 3) for r in paired],
     }
+
+
+def ratio_cell(row: dict[str, Any]) -> str:
+    """``0.57x``, or ``0.57x (0.51-0.63)`` with the range of the round-by-round ratios."""
+    if row["reference"] is None:
+        return "-"
+    paired = row.get("round_ratios") or []
+    spread = f" ({min(paired):.2f}-{max(paired):.2f})" if len(paired) > 1 else ""
+    return f"{row['ratio']:.2f}x{spread}"
